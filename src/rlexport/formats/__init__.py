@@ -1,0 +1,86 @@
+"""Input kinds: a registry of format modules, each with `detect(path)` and `read(path, **options)`.
+
+A format module turns a checkpoint folder into a `Source`: the model config, lazy base weights, and the
+trained pieces beside them (adapter, value head). Nothing here reads tensor bytes.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import RlexportError
+from ..tensors import TensorRef
+
+
+@dataclass(frozen=True)
+class Format:
+    kind: str
+    module: str
+    summary: str
+
+
+# Order matters: the first format whose detect() matches wins (an adapter folder may also hold a config.json).
+FORMATS: tuple[Format, ...] = (
+    Format("peft", "rlexport.formats.peft", "PEFT adapter folder (LoRA), with or without a value head"),
+    Format("hf", "rlexport.formats.hf", "Hugging Face model folder (full fine-tune), value head inside or beside"),
+)
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Something in the checkpoint that is not the policy: a reward adapter, a head, trainer state."""
+
+    kind: str  # "reward-adapter" | "value-head" | "trainer-state" | "checkpoint"
+    path: Path
+    note: str
+
+
+@dataclass(frozen=True)
+class Source:
+    kind: str                      # the Format.kind that read it
+    path: Path                     # what the user passed
+    producer: str                  # "llama-factory" | "trl" | "peft" | "transformers"
+    stage: str | None              # "ppo" | "rm" | "sft/dpo" | None when unknown
+    config: dict                   # the model's config.json (the base's for an adapter)
+    config_dir: Path               # where config.json / generation_config.json come from
+    weights: tuple[TensorRef, ...]  # the model weights as stored (the base's for an adapter)
+    adapter: object | None = None  # rlexport.lora.Adapter
+    value_head: tuple[TensorRef, ...] = ()  # v_head.summary.weight, v_head.summary.bias
+    value_head_file: Path | None = None
+    tokenizer_dirs: tuple[Path, ...] = ()   # searched in order for tokenizer files
+    base_dir: Path | None = None
+    base_config: dict | None = None
+    pieces: tuple[Piece, ...] = field(default=())
+
+    @property
+    def targets(self) -> tuple[str, ...]:
+        if self.stage == "rm":
+            return ("value",)
+        return ("policy", "value") if self.value_head else ("policy",)
+
+
+def _module(fmt: Format):
+    return importlib.import_module(fmt.module)
+
+
+def detect(path: Path) -> Format:
+    path = Path(path)
+    if not path.exists():
+        raise RlexportError("missing-input", "checkpoint path does not exist", file=path, hint="check the path")
+    if not path.is_dir():
+        raise RlexportError("not-a-folder", "expected a checkpoint folder, got a file", file=path,
+                            hint="pass the folder that holds the weights and config")
+    for fmt in FORMATS:
+        if _module(fmt).detect(path):
+            return fmt
+    kinds = ", ".join(f.kind for f in FORMATS)
+    raise RlexportError("unknown-format", "no known checkpoint format found (no adapter_config.json, "
+                        "config.json with weights)", file=path,
+                        hint=f"pass a trainer output folder or one of its checkpoint-N/ folders (formats: {kinds})")
+
+
+def open_checkpoint(path: str | Path, *, base: str | Path | None = None) -> Source:
+    """Detect the input kind and describe the checkpoint, without reading tensor bytes."""
+    fmt = detect(Path(path))
+    return _module(fmt).read(Path(path), base=base)
