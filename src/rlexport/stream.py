@@ -1,0 +1,249 @@
+"""Streamable tensor loads: row blocks of a tensor, computed on demand, in bounded memory.
+
+A `TensorRef.load` is any zero-argument callable returning the whole tensor. The loads built here are also
+`StreamLoader`s: the writer can ask them for row blocks (`open().rows(start, stop, scratch)`) so that no
+tensor is ever held whole, a 1 GB embedding included, and several blocks can be computed and written at once
+by worker threads. Every stage of a transform chain (file slice -> LoRA merge -> cast) is row-separable, so
+a chain of StreamLoaders is one too; anything else (`TensorRef.mapped`, pickled weights) falls back to
+`load()`.
+
+Blocks are written into a per-thread `Scratch` arena that the writer reuses from block to block, so the hot
+path allocates nothing and page-faults nothing after the first blocks.
+"""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .errors import RlexportError
+
+
+def block_shape(shape: tuple[int, ...], start: int, stop: int) -> tuple[int, ...]:
+    """Shape of rows [start, stop) of a tensor; a 0-d tensor is one row."""
+    return (stop - start, *shape[1:]) if shape else ()
+
+
+def n_rows(shape: tuple[int, ...]) -> int:
+    return shape[0] if shape else 1
+
+
+def row_numel(shape: tuple[int, ...]) -> int:
+    return math.prod(shape[1:]) if shape else 1
+
+
+def as_bytes(t: torch.Tensor) -> memoryview:
+    flat = t.contiguous().reshape(-1)
+    return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")
+
+
+class Scratch:
+    """Reusable buffers for one thread: the i-th `take` of a block gets the i-th buffer, grown as needed."""
+
+    def __init__(self) -> None:
+        self._bufs: list[torch.Tensor] = []
+        self._i = 0
+
+    def reset(self) -> None:
+        self._i = 0
+
+    def take(self, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+        n = math.prod(shape) * dtype.itemsize
+        i = self._i
+        self._i += 1
+        if i == len(self._bufs):
+            self._bufs.append(torch.empty(0, dtype=torch.uint8))
+        if self._bufs[i].numel() < n:
+            self._bufs[i] = torch.empty(0, dtype=torch.uint8)  # free the old one first
+            self._bufs[i] = torch.empty(n, dtype=torch.uint8)
+        return self._bufs[i][:n].view(dtype).view(shape)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.numel() for b in self._bufs)
+
+
+class Rows:
+    """An opened StreamLoader: `rows()` may be called from several threads at once."""
+
+    def rows(self, start: int, stop: int, scratch: Scratch) -> torch.Tensor:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+class StreamLoader:
+    """A TensorRef.load that can also produce row blocks. Subclasses set dtype and shape."""
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    streamable = True
+
+    @property
+    def byte_range(self) -> tuple[Path, int, int] | None:
+        """(file, offset, nbytes) when the output bytes are stored verbatim in a file and need no check."""
+        return None
+
+    def open(self) -> Rows:
+        raise NotImplementedError
+
+    def __call__(self) -> torch.Tensor:
+        r = self.open()
+        try:
+            return r.rows(0, n_rows(self.shape), Scratch())  # a fresh arena: the tensor owns its memory
+        finally:
+            r.close()
+
+
+# ---- reading: byte ranges of safetensors files with pread, never mmap (mapped pages would count as RSS) ----
+
+def pread_into(fd: int, buf: torch.Tensor, offset: int, path: Path | str) -> None:
+    view = as_bytes(buf) if buf.numel() else memoryview(b"")
+    done = 0
+    while done < len(view):
+        n = os.preadv(fd, [view[done:]], offset + done)
+        if n <= 0:
+            raise RlexportError("corrupt-safetensors", "unreadable safetensors file (file is shorter than its "
+                                "header says)", file=path,
+                                hint="the file is truncated or damaged; copy it again from the training machine")
+        done += n
+
+
+class FileSlice(StreamLoader, Rows):
+    """A tensor stored contiguously at `offset` in `path` (a safetensors data section)."""
+
+    def __init__(self, path: Path | str, offset: int, dtype: torch.dtype, shape: tuple[int, ...],
+                 on_error: Callable[[OSError], Exception] | None = None):
+        self.path, self.offset, self.dtype, self.shape = Path(path), offset, dtype, tuple(shape)
+        self.on_error = on_error
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+    @property
+    def byte_range(self) -> tuple[Path, int, int]:
+        return self.path, self.offset, self.nbytes
+
+    def open(self) -> Rows:
+        return self
+
+    def rows(self, start: int, stop: int, scratch: Scratch) -> torch.Tensor:
+        out = scratch.take(self.dtype, block_shape(self.shape, start, stop))
+        row_bytes = row_numel(self.shape) * self.dtype.itemsize
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                pread_into(fd, out, self.offset + start * row_bytes, self.path)
+            finally:
+                os.close(fd)
+        except OSError as e:
+            if self.on_error is not None:
+                raise self.on_error(e) from None
+            raise
+        return out
+
+
+# ---- transforms ----
+
+class AddLowRank(StreamLoader):
+    """float32(base) + scale * (left @ right), added in place into the float32 block (no delta tensor).
+
+    `left` and `right` are loaded once per open(), in float32; rows of the result need rows of `left` only.
+    """
+
+    streamable = True
+
+    def __init__(self, base: Callable[[], torch.Tensor], left: Callable[[], torch.Tensor],
+                 right: Callable[[], torch.Tensor], scale: float, shape: tuple[int, ...]):
+        self.base, self.left, self.right, self.scale = base, left, right, float(scale)
+        self.dtype, self.shape = torch.float32, tuple(shape)
+        self.streamable = isinstance(base, StreamLoader) and base.streamable
+
+    def open(self) -> Rows:
+        return _AddLowRankRows(self)
+
+    def __call__(self) -> torch.Tensor:
+        if self.streamable:
+            return super().__call__()
+        w = self.base()
+        # the base load may hand out a shared tensor (pickled state dicts): never add into it
+        out = w.to(torch.float32, copy=True) if w.dtype != torch.float32 else w.clone()
+        left, right = _f32(self.left()), _f32(self.right())
+        return out.addmm_(left, right, alpha=self.scale)
+
+
+def _f32(t: torch.Tensor) -> torch.Tensor:
+    return t.to(torch.float32).contiguous()
+
+
+class _AddLowRankRows(Rows):
+    def __init__(self, spec: AddLowRank):
+        self.spec = spec
+        self.inner = spec.base.open()
+        self.left, self.right = _f32(spec.left()), _f32(spec.right())
+
+    def rows(self, start: int, stop: int, scratch: Scratch) -> torch.Tensor:
+        w = self.inner.rows(start, stop, scratch)
+        if w.dtype == torch.float32:
+            out = w  # the block is ours (a scratch buffer): add in place
+        else:
+            out = scratch.take(torch.float32, tuple(w.shape))
+            out.copy_(w)
+        return out.addmm_(self.left[start:stop], self.right, alpha=self.spec.scale)
+
+    def close(self) -> None:
+        self.inner.close()
+        self.left = self.right = None
+
+
+CheckFn = Callable[[torch.Tensor], None]
+
+
+class Cast(StreamLoader):
+    """Cast once to `dtype`, after `check(tensor)` (NaN/Inf and overflow refusals) on the uncast values."""
+
+    def __init__(self, inner: Callable[[], torch.Tensor], dtype: torch.dtype, shape: tuple[int, ...],
+                 check: CheckFn | None):
+        self.inner, self.dtype, self.shape, self.check = inner, dtype, tuple(shape), check
+        self.streamable = isinstance(inner, StreamLoader) and inner.streamable
+
+    @property
+    def byte_range(self):
+        if self.check is None and isinstance(self.inner, StreamLoader) and self.inner.dtype == self.dtype:
+            return self.inner.byte_range
+        return None
+
+    def open(self) -> Rows:
+        return _CastRows(self)
+
+    def __call__(self) -> torch.Tensor:
+        if self.streamable:
+            return super().__call__()
+        t = self.inner()
+        if self.check is not None:
+            self.check(t)
+        return t if t.dtype == self.dtype else t.to(self.dtype)
+
+
+class _CastRows(Rows):
+    def __init__(self, spec: Cast):
+        self.spec = spec
+        self.inner = spec.inner.open()
+
+    def rows(self, start: int, stop: int, scratch: Scratch) -> torch.Tensor:
+        t = self.inner.rows(start, stop, scratch)
+        if self.spec.check is not None:
+            self.spec.check(t)
+        if t.dtype == self.spec.dtype:
+            return t
+        out = scratch.take(self.spec.dtype, tuple(t.shape))
+        out.copy_(t)
+        return out
+
+    def close(self) -> None:
+        self.inner.close()

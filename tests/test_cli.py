@@ -1,0 +1,81 @@
+"""The CLI contract: one-line errors with a code and a fix, exit 2, no traceback, nothing written."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from factories import FIXTURES, make_tiny_model
+
+
+def run(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "rlexport", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd)
+
+
+def assert_one_line_error(proc, code, out=None):
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error[{code}]: "), proc.stderr
+    assert "Traceback" not in proc.stderr and ": " in lines[0].split("]: ", 1)[1]
+    if out is not None:
+        assert not out.exists()
+        assert not list(out.parent.glob(f".{out.name}.rlexport-tmp-*"))
+
+
+def test_export_and_inspect_json_happy_path(tmp_path):
+    proc = run("export", FIXTURES / "lf_ppo_lora_qwen2" / "ckpt", "--out", tmp_path / "out", "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "out" / "model.safetensors.index.json").is_file()
+    report = json.loads(run("inspect", FIXTURES / "lf_ppo_lora_qwen2" / "ckpt", "--json").stdout)
+    assert report["format"] == "peft" and report["producer"] == "llama-factory" and report["stage"] == "ppo"
+    codes = {f["code"] for f in report["findings"]}
+    assert {"value-head-present", "adapter-needs-merge", "eos-mismatch", "reward-adapter-beside"} <= codes
+
+
+def test_missing_base(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(FIXTURES / "lf_ppo_lora_qwen2" / "ckpt", ckpt)  # ../base no longer resolves from here
+    assert_one_line_error(run("export", ckpt, "--out", tmp_path / "out"), "base-unresolved", tmp_path / "out")
+
+
+def test_base_with_other_shapes(tmp_path):
+    other = make_tiny_model(tmp_path / "other", hidden_size=192, num_attention_heads=3)
+    proc = run("export", FIXTURES / "lf_ppo_lora_qwen2" / "ckpt", "--base", other, "--out", tmp_path / "out")
+    assert_one_line_error(proc, "base-shape-mismatch", tmp_path / "out")
+
+
+def test_truncated_safetensors(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(FIXTURES / "lf_ppo_full_qwen2" / "ckpt", ckpt)
+    f = ckpt / "model.safetensors"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    assert_one_line_error(run("export", ckpt, "--out", tmp_path / "out"), "corrupt-safetensors", tmp_path / "out")
+
+
+def test_out_inside_input(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(FIXTURES / "lf_ppo_full_qwen2" / "ckpt", ckpt)
+    before = sorted(p.name for p in ckpt.iterdir())
+    assert_one_line_error(run("export", ckpt, "--out", ckpt / "export"), "out-overlaps-input", ckpt / "export")
+    assert sorted(p.name for p in ckpt.iterdir()) == before
+
+
+def test_existing_out_needs_force(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    proc = run("export", FIXTURES / "lf_ppo_full_qwen2" / "ckpt", "--out", out)
+    assert proc.returncode == 2 and proc.stderr.startswith("error[out-exists]")
+    assert (out / "keep.txt").read_text() == "mine"
+    assert run("export", FIXTURES / "lf_ppo_full_qwen2" / "ckpt", "--out", out, "-q", "--force").returncode == 0
+    assert not (out / "keep.txt").exists() and (out / "config.json").is_file()
+
+
+@pytest.mark.parametrize("args", [["--dtype", "int3"], ["--target", "critic"]])
+def test_usage_errors_exit_2(tmp_path, args):
+    proc = run("export", FIXTURES / "lf_ppo_full_qwen2" / "ckpt", "--out", tmp_path / "out", *args)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
