@@ -42,6 +42,7 @@ class Result:
     stdout: str
     stderr: str
     pid: int = 0
+    maxrss_mb: float = 0.0  # the child's peak resident memory (pages shared with the server included)
 
 
 @dataclass
@@ -91,7 +92,7 @@ class Cli:
             os.kill(r.pid, signal.SIGKILL)
             self._ask({"op": "wait", "pid": r.pid, "timeout": 30})
             raise TimeoutError(f"rlexport {r.pid} ran over {timeout}s; stderr: {_read(r.err_file)[-2000:]}")
-        return Result(rep["rc"], _read(r.out_file), _read(r.err_file), r.pid)
+        return Result(rep["rc"], _read(r.out_file), _read(r.err_file), r.pid, rep.get("maxrss_mb", 0.0))
 
     def poll(self, r: Running) -> int | None:
         return self._ask({"op": "poll", "pid": r.pid}).get("rc")
@@ -136,14 +137,16 @@ def _serve() -> None:
     proto_out.write("ready\n")
     proto_out.flush()
     done: dict[int, int] = {}
+    peak: dict[int, float] = {}
 
     def reap(pid: int, block: bool) -> int | None:
         if pid in done:
             return done[pid]
-        got, status = os.waitpid(pid, 0 if block else os.WNOHANG)
+        got, status, usage = os.wait4(pid, 0 if block else os.WNOHANG)
         if got == 0:
             return None
         done[pid] = os.waitstatus_to_exitcode(status)
+        peak[pid] = usage.ru_maxrss / 1024  # KiB on Linux
         return done[pid]
 
     for line in sys.stdin:
@@ -161,7 +164,7 @@ def _serve() -> None:
             while rc is None and time.monotonic() < deadline:
                 time.sleep(0.003)
                 rc = reap(req["pid"], False)
-            rep = {"rc": rc} if rc is not None else {"timeout": True}
+            rep = {"rc": rc, "maxrss_mb": peak.get(req["pid"], 0.0)} if rc is not None else {"timeout": True}
         proto_out.write(json.dumps(rep) + "\n")
         proto_out.flush()
 
@@ -210,9 +213,119 @@ def _child(req: dict, devnull: int) -> None:
             os._exit(code)
 
 
+_SHARED: list[Cli] = []
+
+
+def shared_cli() -> Cli:
+    """One server for the whole test session (both test modules), closed at exit."""
+    if not _SHARED or _SHARED[0].proc.poll() is not None:
+        import atexit
+        _SHARED[:] = [Cli()]
+        atexit.register(_SHARED[0].close)
+    return _SHARED[0]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Output checks (no dependency on `rlexport verify`)
+# ---------------------------------------------------------------------------------------------------------
+
+def tensor_digests(out: Path) -> dict[str, tuple[str, tuple, str]]:
+    """{name: (dtype, shape, sha256 of the bytes)} of an export, read through its index with safetensors."""
+    import torch
+    from safetensors import safe_open
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    digests = {}
+    for shard in sorted(set(index["weight_map"].values())):
+        with safe_open(str(out / shard), framework="pt") as f:
+            for name in f.keys():
+                t = f.get_tensor(name)
+                raw = t.contiguous().view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+                digests[name] = (str(t.dtype), tuple(t.shape), hashlib.sha256(raw).hexdigest())
+    return digests
+
+
+def why_incomplete(out: Path, reference: dict | None) -> str | None:
+    """None if `out` is a complete export (index, every shard it names loadable, config.json, and the tensors of
+    `reference`, bytes included); otherwise what is wrong."""
+    try:
+        index = json.loads((out / "model.safetensors.index.json").read_text())
+        shards = set(index["weight_map"].values())
+        for shard in shards:
+            if not (out / shard).is_file():
+                return f"missing shard {shard}"
+        json.loads((out / "config.json").read_text())
+        digests = tensor_digests(out)
+    except Exception as e:  # any failure to read is the finding
+        return f"{type(e).__name__}: {e}"
+    if set(digests) != set(index["weight_map"]):
+        return "the index and the shards disagree"
+    if reference is not None and digests != reference:
+        return "tensors differ from the reference export"
+    return None
+
+
+def leftovers(out: Path) -> list[str]:
+    """rlexport's hidden temporaries (and lock) beside `out`."""
+    parent = Path(out).parent
+    if not parent.is_dir():
+        return []
+    return sorted(p.name for p in parent.iterdir() if p.name.startswith(f".{Path(out).name}.rlexport-"))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Killing exports (tests/test_crash_safety.py and scripts/crash_torture.py)
+# ---------------------------------------------------------------------------------------------------------
+
+@dataclass
+class Stop:
+    delay: float         # seconds after the start when the signal was sent
+    rc: int              # exit code (-9: killed)
+    out: str             # "absent" | "complete" | "INCOMPLETE"
+    temps: list          # temporary folders left beside --out
+    problem: str | None  # why_incomplete() of a present --out
+    stderr: str
+
+
+def stop_export(cli: Cli, args: list, out: Path, reference: dict, delay: float, sig: int = signal.SIGKILL) -> Stop:
+    """Start `rlexport ARGS` (with --force when --out exists), send `sig` after `delay` s, and look at --out."""
+    force = ["--force"] if os.path.lexists(out) else []
+    running = cli.start(*args, *force)
+    time.sleep(delay)
+    os.kill(running.pid, sig)  # not reaped yet (the server waits for it below), so the pid is still ours
+    res = cli.wait(running)
+    temps = [n for n in leftovers(out) if ".rlexport-tmp-" in n]
+    if os.path.lexists(out):
+        problem = why_incomplete(out, reference)
+        state = "complete" if problem is None else "INCOMPLETE"
+    else:
+        problem, state = None, "absent"
+    return Stop(delay, res.rc, state, temps, problem, res.stderr)
+
+
+def finish_export(cli: Cli, args: list, out: Path, reference: dict) -> tuple[Result, list]:
+    """Run to the end (the 'next run' after kills): returns the result and the temporaries it found before."""
+    before = [n for n in leftovers(out) if ".rlexport-tmp-" in n]
+    force = ["--force"] if os.path.lexists(out) else []
+    return cli.run(*args, *force), before
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Input fingerprints
 # ---------------------------------------------------------------------------------------------------------
+
+def _digest(path: str, size: int) -> str:
+    """sha256 of the file; above 64 MB (the sparse 2 GB case) of its first, middle and last MB and its size."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        if size <= 64 << 20:
+            h.update(f.read())
+        else:
+            for at in (0, size // 2, max(0, size - (1 << 20))):
+                f.seek(at)
+                h.update(f.read(1 << 20))
+            h.update(str(size).encode())
+    return h.hexdigest()
+
 
 def tree_state(*roots: Path) -> dict[str, tuple]:
     """{relative path: (kind, sha256 or link target, mtime_ns, mode)} for everything under the roots.
@@ -232,7 +345,7 @@ def tree_state(*roots: Path) -> dict[str, tuple]:
                     state[key] = ("link", os.readlink(p), st.st_mtime_ns, st.st_mode)
                 elif os.path.isfile(p):
                     try:
-                        digest = hashlib.sha256(Path(p).read_bytes()).hexdigest()
+                        digest = _digest(p, st.st_size)
                     except PermissionError:
                         digest = "unreadable"
                     state[key] = ("file", digest, st.st_mtime_ns, st.st_mode)
@@ -240,7 +353,7 @@ def tree_state(*roots: Path) -> dict[str, tuple]:
                     state[key] = ("dir", "", st.st_mtime_ns, st.st_mode)
         if root.is_file():
             st = root.stat()
-            state[root.name] = ("file", hashlib.sha256(root.read_bytes()).hexdigest(), st.st_mtime_ns, st.st_mode)
+            state[root.name] = ("file", _digest(str(root), st.st_size), st.st_mtime_ns, st.st_mode)
     return state
 
 
@@ -557,7 +670,7 @@ def _(d, g):
     return run
 
 
-@case("st-shard-is-folder", "corrupt-safetensors")
+@case("st-shard-is-folder", "index-missing-shard")
 def _(d, g):
     """The index names a shard that is a folder, not a file."""
     ckpt, out, run = _model_case(d, g)
@@ -738,7 +851,7 @@ def _(d, g):
     return run
 
 
-@case("adapter-base-other-hidden-size", "base-shape-mismatch")
+@case("adapter-base-other-hidden-size", "adapter-base-mismatch")
 def _(d, g):
     """The adapter (hidden 128) pointed at a base with hidden size 256."""
     ckpt, base, out, run = _lora_case(d, g, g.wide)
@@ -760,9 +873,9 @@ def _(d, g):
     return run
 
 
-@case("adapter-unsupported-type", "unsupported-peft-type")
+@case("adapter-unsupported-type", "adapter-inconsistent")
 def _(d, g):
-    """peft_type IA3."""
+    """adapter_config.json says peft_type IA3 over LoRA tensors."""
     ckpt, base, out, run = _lora_case(d, g)
     _edit_json(ckpt / "adapter_config.json", peft_type="IA3")
     return run
@@ -904,9 +1017,9 @@ def _as_other_user(d: Path, run: Run) -> Run:
     return run
 
 
-@case("non-utf8-shard-name", "corrupt-safetensors", needs="non-utf8-fs")
+@case("non-utf8-shard-name", "non-utf8-path", needs="non-utf8-fs")
 def _(d, g):
-    """A truncated shard whose name is not UTF-8 (the error line must still print)."""
+    """A shard whose name is not UTF-8 (the safetensors library cannot open it; the line must still print)."""
     ckpt, out, run = _model_case(d, g)
     f = ckpt / "model.safetensors"
     raw = f.read_bytes()
@@ -916,15 +1029,22 @@ def _(d, g):
     return run
 
 
-@case("non-utf8-folder-name", "corrupt-safetensors", needs="non-utf8-fs")
+@case("non-utf8-folder-name", "invalid-json", needs="non-utf8-fs")
 def _(d, g):
-    """A checkpoint folder named in Latin-1, holding a damaged model."""
+    """A checkpoint folder named in Latin-1 with a broken config.json: the line names it, escaped."""
     src = _copy(g.base, d / "tmpcopy")
     ckpt = Path(os.fsdecode(os.path.join(os.fsencode(d), b"ckpt-\xe9t\xe9")))
     os.rename(src, ckpt)
-    f = ckpt / "model.safetensors"
-    f.write_bytes(f.read_bytes()[:-10])
+    (ckpt / "config.json").write_text("{")
     return Run(_export(ckpt, d / "outs" / "out"), [ckpt], d / "outs" / "out")
+
+
+@case("non-utf8-out", "non-utf8-path", needs="non-utf8-fs")
+def _(d, g):
+    """--out named in Latin-1: safetensors (and vLLM) could not open the export, so it is refused up front."""
+    ckpt = _copy(g.base, d / "ckpt")
+    out = Path(os.fsdecode(os.path.join(os.fsencode(d), b"out-\xe9t\xe9")))
+    return Run(_export(ckpt, out), [ckpt], out)
 
 
 # --- --out -------------------------------------------------------------------------------------------
@@ -967,6 +1087,14 @@ def _(d, g):
     return Run(_export(ckpt, d / "link", "--force"), [ckpt, d / "link"], d / "link")
 
 
+@case("out-symlink-loop", "symlink-loop")
+def _(d, g):
+    """--out is a symlink loop."""
+    ckpt = _copy(g.base, d / "ckpt")
+    os.symlink("out", d / "out")
+    return Run(_export(ckpt, d / "out"), [ckpt, d / "out"], d / "out")
+
+
 @case("out-exists", "out-exists")
 def _(d, g):
     """--out holds someone's files and --force was not given."""
@@ -1007,10 +1135,7 @@ def write_evil_pickle(path: Path, marker: Path, *, zip_format: bool) -> None:
     """A state dict whose unpickling would create `marker` (torch.save zip format, or a bare pickle)."""
     import torch
     obj = {"v_head.summary.weight": torch.zeros(1, 128), "v_head.summary.bias": _Payload(marker)}
-    if zip_format:
-        torch.save(obj, path)
-    else:
-        path.write_bytes(pickle.dumps(obj, protocol=2))
+    torch.save(obj, path, _use_new_zipfile_serialization=zip_format)
 
 
 @case("pickle-reduce-model-bin", "unsafe-pickle")
@@ -1024,7 +1149,7 @@ def _(d, g):
 
 @case("pickle-reduce-model-bin-legacy", "unsafe-pickle")
 def _(d, g):
-    """The same payload as a bare (pre-zip) pickle file."""
+    """The same payload in torch's legacy (pre-zip, not mmap-able) format."""
     ckpt, out, run = _model_case(d, g)
     (ckpt / "model.safetensors").unlink()
     write_evil_pickle(ckpt / "pytorch_model.bin", marker_of(d), zip_format=False)

@@ -7,5 +7,6 @@ from .diagnosis import inspect  # noqa: E402
 from .errors import RlexportError  # noqa: E402
 from .export import export  # noqa: E402
 from .formats import open_checkpoint  # noqa: E402
+from .verify import verify  # noqa: E402
 
-__all__ = ["export", "inspect", "open_checkpoint", "RlexportError", "__version__"]
+__all__ = ["export", "inspect", "open_checkpoint", "verify", "RlexportError", "__version__"]

@@ -31,10 +31,12 @@ def cli(ctx: click.Context, debug: bool) -> None:
 @click.argument("ckpt", type=click.Path(path_type=str))
 @click.option("--base", help="Base model folder or hub id (for adapters).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output on stdout.")
-def inspect_cmd(ckpt: str, base: str | None, as_json: bool) -> None:
+@click.option("--scan/--no-scan", default=None, help="Read every tensor for NaN/Inf and float16 range "
+              "(default: only up to 2 GB of weights).")
+def inspect_cmd(ckpt: str, base: str | None, as_json: bool, scan: bool | None) -> None:
     """Say what a checkpoint is, what will break when served, and how to fix it."""
     from .diagnosis import inspect
-    report = inspect(ckpt, base=base)
+    report = inspect(ckpt, base=base, scan="auto" if scan is None else scan)
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return
@@ -54,13 +56,20 @@ def inspect_cmd(ckpt: str, base: str | None, as_json: bool) -> None:
 @click.option("--force", is_flag=True, help="Replace a non-empty --out.")
 @click.option("--allow-nonfinite", is_flag=True, help="Export tensors holding NaN/Inf instead of refusing.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-def export_cmd(ckpt, out_dir, base, target, dtype, max_shard_size, force, allow_nonfinite, quiet) -> None:
+@click.option("--verify", "verify_engine", is_flag=False, flag_value="auto", default=None,
+              type=click.Choice(["auto", "vllm", "transformers", "none"]),
+              help="Then run `rlexport verify OUT --against CKPT [--engine E]`; exit 1 if a check fails.")
+@click.option("--adapter", "adapter_name", metavar="NAME",
+              help="Which adapter of a PEFT folder holding several (default: the root's, named `default`).")
+def export_cmd(ckpt, out_dir, base, target, dtype, max_shard_size, force, allow_nonfinite, quiet,
+               verify_engine=None, adapter_name=None) -> None:
     """Merge, clean and cast a checkpoint into a Hugging Face folder, streamed and atomic."""
     from .export import plan, write
     from .formats import open_checkpoint
     from .export import check_out
     from pathlib import Path
-    src = open_checkpoint(ckpt, base=base)
+    from .formats.peft import select_adapter
+    src = open_checkpoint(select_adapter(ckpt, adapter_name), base=base)
     check_out(Path(out_dir), src, force=force)
     p = plan(src, target=target, dtype=dtype, allow_nonfinite=allow_nonfinite)
     total = sum(r.nbytes for r in p.tensors)
@@ -74,23 +83,82 @@ def export_cmd(ckpt, out_dir, base, target, dtype, max_shard_size, force, allow_
         err.print(f"[green]exported[/] {report.target} to {report.out}: {report.tensors} tensors, "
                   f"{report.bytes / 1e6:.1f} MB {report.dtype} in {report.shards} shard(s) ({p.dtype_reason})")
         err.print(f"serve it with: {report.serve_hint}")
+    if verify_engine is not None:
+        _verify_and_exit(out_dir, against=ckpt, base=base, engine=verify_engine, as_json=False)
+
+
+@cli.command("verify")
+@click.argument("folder", type=click.Path(path_type=str))
+@click.option("--against", help="The training checkpoint it came from: compare weights, logprobs, greedy tokens "
+              "and head scores with the training-time model.")
+@click.option("--base", help="Base model folder or hub id (for an adapter --against).")
+@click.option("--engine", type=click.Choice(["auto", "vllm", "transformers", "none"]), default="auto",
+              show_default=True, help="Load the folder in this engine (auto: vLLM when installed).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output on stdout.")
+def verify_cmd(folder: str, against: str | None, base: str | None, engine: str, as_json: bool) -> None:
+    """Prove an exported folder is right: structure, numbers against training, a real engine. Exit 0 only if
+    every check passes."""
+    if base is not None and against is None:
+        raise click.UsageError("--base needs --against")
+    _verify_and_exit(folder, against=against, base=base, engine=engine, as_json=as_json)
+
+
+def _verify_and_exit(folder, *, against, base, engine: str, as_json: bool) -> None:
+    from .verify import verify
+    report = verify(folder, against=against, base=base, engine=engine).to_json()
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+    else:
+        from .render import render_verify
+        render_verify(out, report)
+    if not report["ok"]:
+        sys.exit(1)
+
+
+def _catch_signals(received: list[int]) -> dict:
+    """SIGINT and SIGTERM both stop the command through KeyboardInterrupt (so the export's temporary folder is
+    removed on the way out), except inside the writer's uninterruptible steps, which finish first."""
+    import signal
+    import threading
+
+    from .writer import deferred_signals, in_uninterruptible
+
+    def on_signal(signum, frame):
+        if in_uninterruptible():
+            deferred_signals.append(signum)
+            return
+        received.append(signum)
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
 
 
 def main(argv: list[str] | None = None) -> None:
+    import signal
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    received: list[int] = []
+    previous = _catch_signals(received)
     try:
         cli.main(args=argv, prog_name="rlexport", standalone_mode=False)
+        from .writer import deferred_signals
+        if deferred_signals:
+            click.echo("note: an interrupt arrived while the export was being moved into place; it completed",
+                       err=True)
     except RlexportError as e:
         if debug:
             raise
         click.echo(e.line(), err=True)
         sys.exit(2)
-    except click.exceptions.Abort:
-        click.echo("error[interrupted]: interrupted; nothing was written", err=True)
-        sys.exit(130)
-    except KeyboardInterrupt:
-        click.echo("error[interrupted]: interrupted; nothing was written", err=True)
-        sys.exit(130)
+    except (click.exceptions.Abort, KeyboardInterrupt):  # click turns KeyboardInterrupt into Abort
+        sig = received[-1] if received else signal.SIGINT
+        click.echo(f"error[interrupted]: stopped by {signal.Signals(sig).name}; nothing was written (no partial "
+                   "output, temporary files removed)", err=True)
+        sys.exit(128 + sig)
     except click.ClickException as e:
         e.show()
         sys.exit(e.exit_code)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)

@@ -1,19 +1,54 @@
-"""diagnose(): the findings behind `rlexport inspect`. Each check is a small function in CHECKS."""
+"""diagnose(): the findings behind `rlexport inspect`. Each check is a small function in CHECKS.
+
+A check takes the opened Source and the Facts gathered once (tensor value scan, tokenizer size) and returns
+Findings. Reading tensor bytes is bounded: placeholders come from headers; NaN/Inf and float16 range need a
+streamed scan, on by default up to SCAN_LIMIT_BYTES (`--scan` forces it, `--no-scan` skips it).
+When the checkpoint cannot be opened for a reason the user can fix (no adapter_config.json, unresolved base,
+unsupported PEFT type, ZeRO-3 placeholders in the adapter) inspect still answers, from the files alone.
+"""
 from __future__ import annotations
 
+import importlib.util
+import math
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
 
+from . import __version__, archs
+from .errors import RlexportError
 from .findings import Finding
-from .folder import tokenizer_eos_id
+from .folder import token_id, tokenizer_eos_id
 from .formats import Source
 from .formats.common import json_or_empty
-from .tensors import FLOATS, dtype_name
+from .tensors import FLOATS, TensorRef, dtype_name
+from .transforms import clean_name
 
+SCHEMA = "rlexport.inspect/1"
+SCAN_LIMIT_BYTES = 2_000_000_000
+FP16_MAX = 65504.0
+OPTIMIZER_FILES = ("optimizer.pt", "optimizer.bin", "scheduler.pt", "scaler.pt", "rng_state.pth")
 VHEAD_ERROR = "ValueError: There is no module or parameter named 'v_head' in {arch}"
+# open_checkpoint errors inspect turns into a finding instead of stopping (code -> finding code)
+PARTIAL = {"adapter-without-config": "adapter-without-config", "base-unresolved": "base-unresolved",
+           "unsupported-peft-type": "unsupported-peft-type", "unsupported-lora-variant": "unsupported-peft-type",
+           "unsupported-lora-init": "unsupported-peft-type", "adapter-rank-mismatch": "zero3-placeholder",
+           "empty-adapter": "zero3-placeholder", "adapter-base-mismatch": "base-shape-mismatch",
+           "base-shape-mismatch": "base-shape-mismatch"}
+
+
+@dataclass
+class Facts:
+    """What the checks share: computed once per inspect."""
+
+    scanned: bool = False
+    nonfinite: list[str] = field(default_factory=list)
+    overflow: list[str] = field(default_factory=list)
+    peak: float = 0.0
+    tokenizer_size: int | None = None
+    embedding_rows: int | None = None
 
 
 def _arch(src: Source) -> str:
@@ -24,83 +59,321 @@ def _export_cmd(src: Source, extra: str = "") -> str:
     return f"rlexport export {src.path} --out OUT{extra}"
 
 
-def check_value_head(src: Source) -> list[Finding]:
+def _names(refs) -> tuple[str, ...]:
+    return tuple(r.name for r in refs)[:5]
+
+
+def _all_refs(src: Source) -> list[TensorRef]:
+    refs = list(src.weights) + list(src.value_head)
+    if src.adapter is not None:
+        for u in getattr(src.adapter, "updates", ()):
+            refs += list(u.tensors.values())
+        refs += list(src.adapter.full.values())
+    return refs
+
+
+# --- facts -------------------------------------------------------------------------------------------------------
+def scan_values(refs: list[TensorRef]) -> tuple[list[str], list[str], float]:
+    """Stream every float tensor once: names holding NaN/Inf, names beyond float16's range, the largest |x|."""
+    nonfinite, overflow, peak = [], [], 0.0
+    for ref in refs:
+        if ref.dtype not in FLOATS or ref.numel == 0:
+            continue
+        lo, hi = (float(x) for x in torch.aminmax(ref.load()))  # NaN propagates, Inf shows
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            nonfinite.append(ref.name)
+            continue
+        top = max(abs(lo), abs(hi))
+        peak = max(peak, top)
+        if top > FP16_MAX and ref.dtype != torch.float16:
+            overflow.append(ref.name)
+    return nonfinite, overflow, peak
+
+
+def tokenizer_size(folder: Path | None) -> int | None:
+    """len(tokenizer) from tokenizer.json / vocab.json without loading a tokenizer library (None if unknown)."""
+    if folder is None:
+        return None
+    tj = json_or_empty(folder / "tokenizer.json")
+    ids: list[int] = [int(t["id"]) for t in tj.get("added_tokens", []) if "id" in t]
+    vocab = tj.get("model", {}).get("vocab")
+    if isinstance(vocab, dict):
+        ids += [int(v) for v in vocab.values()]
+    elif isinstance(vocab, list):
+        ids.append(len(vocab) - 1)
+    elif (folder / "vocab.json").is_file():
+        ids += [int(v) for v in json_or_empty(folder / "vocab.json").values()]
+    ids += [int(k) for k in json_or_empty(folder / "tokenizer_config.json").get("added_tokens_decoder", {})]
+    return max(ids) + 1 if ids else None
+
+
+def embedding_rows(src: Source) -> int | None:
+    emb, _ = archs.embedding_pair(src.config)
+    if src.adapter is not None:
+        for name, ref in src.adapter.full.items():
+            if name == emb and len(ref.shape) == 2:
+                return ref.shape[0]
+    for r in src.weights:
+        if clean_name(r.name) == emb and len(r.shape) == 2:
+            return r.shape[0]
+    return None
+
+
+def _package_file(package: str, *parts: str) -> Path | None:
+    # find_spec on a top-level name does not import it (importing transformers costs ~10 s)
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    f = Path(list(spec.submodule_search_locations)[0]).joinpath(*parts)
+    return f if f.is_file() else None
+
+
+def architecture_known(arch: str, package: str = "transformers") -> bool | None:
+    """Whether transformers (or vLLM) names this class in its registry; None when the package is absent.
+
+    Reads the registry module's text instead of importing it: every class name is a string literal there.
+    """
+    where = {"transformers": ("models", "auto", "modeling_auto.py"),
+             "vllm": ("model_executor", "models", "registry.py")}[package]
+    f = _package_file(package, *where)
+    return None if f is None else f'"{arch}"' in f.read_text(errors="replace")
+
+
+# --- checks ------------------------------------------------------------------------------------------------------
+def check_stage(src: Source, facts: Facts) -> list[Finding]:
+    if src.stage == "rm":
+        return [Finding("reward-model", "info", "reward-model (stage rm) checkpoint: the LM head is untrained",
+                        "served as a causal LM it would generate from the base's head",
+                        _export_cmd(src, " --target value"))]
+    return []
+
+
+def check_value_head(src: Source, facts: Facts) -> list[Finding]:
     if not src.value_head:
         return []
-    inside = src.value_head_file is not None and src.value_head_file.name.startswith(("model", "pytorch_model"))
-    where = "inside the model weights" if inside else f"in {src.value_head_file.name}"
-    engine = (VHEAD_ERROR.format(arch=_arch(src)) if src.kind == "hf" else
-              "vLLM ignores it; the value model is lost unless exported with --target value")
-    return [Finding("value-head-present", "warning", f"a TRL/LLaMA-Factory value head (v_head.summary) is {where}",
+    f = src.value_head_file
+    inside = f is not None and f.name.startswith(("model", "pytorch_model")) and src.adapter is None
+    where = "inside the model weights" if inside else f"in {f.name if f else '?'}"
+    indexed = (src.path / "model.safetensors.index.json").is_file()
+    if src.kind == "hf" and f is not None and (inside or (f.suffix == ".safetensors" and not indexed)):
+        # without an index vLLM loads every *.safetensors in the folder, value_head.safetensors included
+        engine = f"vLLM: {VHEAD_ERROR.format(arch=_arch(src))}"
+    else:
+        engine = "vLLM and transformers ignore it: the value model is lost unless exported with --target value"
+    role = "reward" if src.stage == "rm" else "value"
+    return [Finding("value-head-present", "warning", f"a TRL/LLaMA-Factory {role} head (v_head.summary) is {where}",
                     engine, f"{_export_cmd(src)} (policy) and {_export_cmd(src, ' --target value')}",
-                    str(src.value_head_file))]
+                    str(f or ""), _names(src.value_head))]
 
 
-def check_adapter(src: Source) -> list[Finding]:
+def check_adapter(src: Source, facts: Facts) -> list[Finding]:
     if src.adapter is None:
         return []
     a = src.adapter
-    out = [Finding("adapter-needs-merge", "warning", f"LoRA adapter (r={a.rank}, {len(a.modules)} modules) is not "
-                   f"merged; base: {src.base_dir}",
-                   "vLLM: the folder has no config.json and cannot load; runtime LoRA needs --enable-lora",
+    out = [Finding("adapter-needs-merge", "warning", f"{a.config.get('peft_type', 'LORA')} adapter (r={a.rank}, "
+                   f"{len(a.modules)} modules) is not merged; base: {src.base_dir}",
+                   f"vLLM: '{src.path}' has no config.json, so it cannot be served as a model; runtime LoRA needs "
+                   f"--enable-lora --max-lora-rank {max(16, a.rank)} and the base",
                    _export_cmd(src), str(a.path))]
     if a.full:
         out.append(Finding("adapter-full-modules", "info", f"the adapter carries {len(a.full)} full tensors "
                            f"(modules_to_save / embeddings): {', '.join(list(a.full)[:3])}",
-                           "vLLM's runtime LoRA rejects modules_to_save outside classifiers", _export_cmd(src),
-                           str(a.path)))
+                           "vLLM's runtime LoRA: modules_to_save other than classifier/score are rejected",
+                           _export_cmd(src), str(a.path), tuple(a.full)))
     return out
 
 
-def check_dtype(src: Source) -> list[Finding]:
+def check_base_shapes(src: Source, facts: Facts) -> list[Finding]:
+    """Adapter A/B shapes against the base weights, from headers (what PEFT's load_state_dict would say)."""
+    if src.adapter is None:
+        return []
+    base = {clean_name(r.name): r for r in src.weights}
+    missing, wrong = [], []
+    for target, u in src.adapter.modules.items():
+        w = base.get(target)
+        if w is None:
+            missing.append(u.module)
+        elif u.a is not None and u.b is not None and len(w.shape) == 2 and u.kind == "linear" and \
+                {(u.b.shape[0], u.a.shape[1]), (u.a.shape[1], u.b.shape[0])}.isdisjoint({tuple(w.shape)}):
+            wrong.append((u, w))
+    if missing:
+        return [Finding("base-shape-mismatch", "error", f"the adapter targets {len(missing)} modules the base does "
+                        f"not have (e.g. {missing[0]})",
+                        f"PEFT: ValueError: Target modules {set(missing[:3])} not found in the base model.",
+                        "pass --base with the model the adapter was trained on", str(src.base_dir),
+                        tuple(missing))]
+    if wrong:
+        u, w = wrong[0]
+        # what PEFT builds for the base's layer, and which saved tensor does not fit it
+        part, saved, built = ("lora_A", u.a.shape, (u.a.shape[0], w.shape[1])) \
+            if tuple(u.a.shape) != (u.a.shape[0], w.shape[1]) else ("lora_B", u.b.shape, (w.shape[0], u.b.shape[1]))
+        key = f"base_model.model.{u.module}.{part}.default.weight"
+        return [Finding("base-shape-mismatch", "error", f"{len(wrong)} adapted modules do not fit the base: "
+                        f"{u.target} is {list(w.shape)} in the base, the adapter's delta {[u.b.shape[0], u.a.shape[1]]}",
+                        f"PEFT: size mismatch for {key}: copying a param with shape {torch.Size(saved)} from "
+                        f"checkpoint, the shape in current model is {torch.Size(built)}.",
+                        "pass --base with the model the adapter was trained on", str(src.base_dir),
+                        tuple(x.target for x, _ in wrong))]
+    return []
+
+
+def check_dtype(src: Source, facts: Facts) -> list[Finding]:
     counts = Counter(r.dtype for r in src.weights if r.dtype in FLOATS)
     if src.adapter is not None or not counts or counts.most_common(1)[0][0] != torch.float32:
         return []
     return [Finding("fp32-weights", "warning", "weights are float32 (the trainer's upcast), twice the size",
-                    "vLLM's dtype auto may serve them in float16 and overflow",
-                    _export_cmd(src, " --dtype bfloat16 (the default picks the base dtype)"))]
+                    "vLLM --dtype auto serves float32 checkpoints in a 16-bit dtype it picks (float16 for pooling "
+                    "models), which can overflow",
+                    _export_cmd(src, " (writes the base's 16-bit dtype; --dtype bfloat16 to choose)"))]
 
 
-def check_files(src: Source) -> list[Finding]:
+def check_values(src: Source, facts: Facts) -> list[Finding]:
+    out = []
+    empty = [r for r in _all_refs(src) if r.numel == 0 and r.dtype in FLOATS]
+    if empty:
+        out.append(Finding("zero3-placeholder", "error", f"{len(empty)} tensors are empty [0]-shaped placeholders "
+                           "(DeepSpeed ZeRO-3 saved without gathering the weights)",
+                           f"vLLM/transformers: ValueError: Trying to set a tensor of shape torch.Size([0]) in "
+                           f"\"weight\" ... this looks incorrect (or size mismatch for {clean_name(empty[0].name)})",
+                           "retrain with stage3_gather_16bit_weights_on_model_save: true, or rebuild the weights "
+                           "from global_stepN/ with zero_to_fp32.py", empty[0].origin, _names(empty)))
+    if not facts.scanned:
+        total = sum(r.nbytes for r in src.weights)
+        out.append(Finding("values-not-scanned", "info", f"tensor values were not read ({total / 1e9:.1f} GB): "
+                           "NaN/Inf and float16 range unchecked", "",
+                           f"rlexport inspect {src.path} --scan (streams every tensor once)"))
+        return out
+    if facts.nonfinite:
+        out.append(Finding("nonfinite-weights", "error", f"{len(facts.nonfinite)} tensors hold NaN or Inf "
+                           f"(e.g. {facts.nonfinite[0]})",
+                           "vLLM/transformers load them; generation fails with RuntimeError: probability tensor "
+                           "contains either inf, nan or element < 0, or emits one token forever",
+                           "the run diverged: export an earlier checkpoint (or --allow-nonfinite to keep them)",
+                           "", tuple(facts.nonfinite)))
+    if facts.overflow:
+        out.append(Finding("fp16-overflow-risk", "warning", f"{len(facts.overflow)} tensors exceed float16's "
+                           f"range (|x| up to {facts.peak:.4g} > 65504)",
+                           "served in float16 (vLLM --dtype half, or auto on GPUs without bf16) they become Inf: "
+                           "NaN logits, '!!!!' output",
+                           _export_cmd(src, " --dtype bfloat16 (never float16)"), "", tuple(facts.overflow)))
+    return out
+
+
+def check_vocab(src: Source, facts: Facts) -> list[Finding]:
+    rows, vocab, tok = facts.embedding_rows, src.config.get("vocab_size"), facts.tokenizer_size
+    out = []
+    if rows is not None and vocab is not None and rows != vocab:
+        out.append(Finding("vocab-resized", "warning", f"the embedding has {rows} rows, config.json's vocab_size "
+                           f"is {vocab}",
+                           f"vLLM: AssertionError in VocabParallelEmbedding.weight_loader (rows != org_vocab_size); "
+                           f"transformers: size mismatch for model.embed_tokens.weight ([{rows}, …] vs [{vocab}, …])",
+                           _export_cmd(src) + " (writes vocab_size = embedding rows)"))
+    if rows is not None and tok is not None and tok > rows:
+        out.append(Finding("tokenizer-exceeds-embedding", "error", f"the tokenizer has {tok} tokens but the "
+                           f"embedding only {rows} rows",
+                           f"vLLM: ValueError: Token id {rows} is out of vocabulary (any id >= {rows}); "
+                           "transformers: IndexError: index out of range in self",
+                           "export with the tokenizer the model was trained with (the checkpoint's, not the base's), "
+                           "or resize the embedding before training"))
+    return out
+
+
+def check_ties(src: Source, facts: Facts) -> list[Finding]:
+    emb, head = archs.embedding_pair(src.config)
+    tied = archs.is_tied(src.config)
+    names = {clean_name(r.name): r for r in src.weights}
+    if src.adapter is not None:
+        touched = sorted({u.target for u in src.adapter.updates} | set(src.adapter.full)) if tied else []
+        touched = [n for n in touched if n in (emb, head)]
+        if touched:
+            return [Finding("tied-embeddings-split", "warning", f"the base ties {head} to {emb} but the adapter "
+                            f"trains its own copy of {', '.join(touched)}",
+                            "vLLM skips lm_head.weight when config.json ties it: the trained side is dropped "
+                            "silently", _export_cmd(src) + " (unties and writes tie_word_embeddings: false)",
+                            str(src.adapter.path), tuple(touched))]
+        return []
+    if tied and emb in names and head in names and src.stage != "rm":
+        e, h = names[emb], names[head]
+        if e.shape != h.shape or not torch.equal(e.load(), h.load()):
+            return [Finding("tied-embeddings-split", "warning", f"config.json ties {head} to {emb}, but the "
+                            f"stored {head} differs from it", "vLLM skips lm_head.weight for tied models "
+                            "(AutoWeightsLoader) and transformers re-ties it on load: the trained head is replaced "
+                            "by the embedding, silently", _export_cmd(src) + " (writes tie_word_embeddings: false)",
+                            h.origin, (head,))]
+    if not tied and emb in names and head not in names and src.stage != "rm":
+        return [Finding("lm-head-missing", "error", f"config.json unties the output layer but no {head} is stored",
+                        f"vLLM: ValueError: Following weights were not initialized from checkpoint: {{'{head}'}}; "
+                        f"transformers: {head} MISSING (newly initialized at random)",
+                        _export_cmd(src) + " (re-ties it: tie_word_embeddings: true)")]
+    return []
+
+
+def check_files(src: Source, facts: Facts) -> list[Finding]:
     out = []
     if not src.tokenizer_dirs:
-        out.append(Finding("missing-tokenizer", "error", "no tokenizer in the checkpoint or the base",
-                           "vLLM fails to load a tokenizer", "pass --base with the base model that has one"))
-        return out
+        return [Finding("missing-tokenizer", "error", "no tokenizer in the checkpoint or the base",
+                        f"vLLM/transformers: OSError: {src.path} does not appear to have a file named "
+                        "tokenizer_config.json (or a tokenizer model)", "pass --base with the base model that has one")]
     tdir = src.tokenizer_dirs[0]
-    has_template = any((d / "chat_template.jinja").is_file() or "chat_template" in
-                       json_or_empty(d / "tokenizer_config.json") for d in src.tokenizer_dirs)
+    has_template = any((d / "chat_template.jinja").is_file() or (d / "chat_template.json").is_file() or
+                       "chat_template" in json_or_empty(d / "tokenizer_config.json") for d in src.tokenizer_dirs)
     if not has_template:
         out.append(Finding("missing-chat-template", "warning", "no chat template in the checkpoint or the base",
-                           "vLLM's chat endpoint refuses requests (default chat template is no longer allowed)",
-                           "add the template the model was trained with (chat_template.jinja)"))
+                           "vLLM /v1/chat/completions: ValueError: As of transformers v4.44, default chat template "
+                           "is no longer allowed, so you must provide a chat template if the tokenizer does not "
+                           "define one.", "add the template the model was trained with (chat_template.jinja) or "
+                           "serve with --chat-template FILE"))
     gen_dirs = [d for d in (src.config_dir, src.path, src.base_dir) if d and (d / "generation_config.json").is_file()]
     if not gen_dirs:
         out.append(Finding("missing-generation-config", "info", "no generation_config.json",
-                           "vLLM falls back to config.json's eos only", _export_cmd(src) + " (writes one)"))
+                           "vLLM builds one from config.json: only its eos_token_id stops generation",
+                           _export_cmd(src) + " (writes one with every eos id)"))
     eos = tokenizer_eos_id(src)
-    gen_eos = json_or_empty(gen_dirs[0] / "generation_config.json").get("eos_token_id") if gen_dirs else None
+    eos_token = json_or_empty(tdir / "tokenizer_config.json").get("eos_token")
+    if eos is None and (eos_token is None or token_id(tdir, eos_token) is None):
+        out.append(Finding("missing-eos", "warning", f"the tokenizer in {tdir.name}/ defines no eos token",
+                           "vLLM stops only on generation_config's eos_token_id; without one it runs to max_tokens",
+                           "set eos_token in tokenizer_config.json to the token that ends a turn"))
+    gen_eos = json_or_empty(gen_dirs[0] / "generation_config.json").get("eos_token_id") if gen_dirs else \
+        src.config.get("eos_token_id")
     gen_ids = gen_eos if isinstance(gen_eos, list) else [gen_eos]
     if eos is not None and eos not in gen_ids:
         out.append(Finding("eos-mismatch", "warning", f"the tokenizer's eos (id {eos}, from {tdir.name}/) is not in "
                            f"generation_config's eos_token_id {gen_eos}",
-                           "generation may not stop at the end of a turn",
-                           _export_cmd(src) + " (lists both ids)"))
+                           "vLLM stops on both, transformers generate() only on generation_config's: a turn may "
+                           "not end", _export_cmd(src) + " (lists both ids)"))
     return out
 
 
-def check_vocab(src: Source) -> list[Finding]:
-    rows = next((r.shape[0] for r in src.weights if r.name.endswith("embed_tokens.weight")), None)
-    if src.adapter is not None:
-        rows = next((r.shape[0] for n, r in src.adapter.full.items() if n.endswith("embed_tokens.weight")), rows)
-    if rows is not None and rows != src.config.get("vocab_size"):
-        return [Finding("vocab-resized", "warning", f"embedding has {rows} rows, config vocab_size is "
-                        f"{src.config.get('vocab_size')}", "vLLM asserts on the embedding shape",
-                        _export_cmd(src) + " (fixes vocab_size)")]
+def check_architecture(src: Source, facts: Facts) -> list[Finding]:
+    arch = _arch(src)
+    auto_map = src.config.get("auto_map")
+    if auto_map:
+        files = sorted({str(v).split(".")[0] + ".py" for v in (auto_map.values() if isinstance(auto_map, dict)
+                        else []) if isinstance(v, str) and "--" not in v})
+        here = [d for d in (src.config_dir, src.path) if d]
+        lost = [f for f in files if not any((d / f).is_file() for d in here)]
+        return [Finding("remote-code", "error" if lost else "warning",
+                        f"{arch} is defined by the checkpoint's own code (auto_map: {', '.join(files) or '?'})"
+                        + (f"; {', '.join(lost)} missing" if lost else ""),
+                        "transformers: ValueError: Loading this model requires you to execute custom code contained "
+                        "in the model repository on your local machine. Please set the option `trust_remote_code="
+                        "True` to permit loading of this model. (vLLM: --trust-remote-code)",
+                        "copy the modeling/configuration .py files auto_map names into the export and serve with "
+                        "--trust-remote-code", str(src.config_dir))]
+    known = architecture_known(arch)
+    if arch != "?" and known is False:
+        in_vllm = architecture_known(arch, "vllm")
+        engine = f"transformers: no class {arch}" + (
+            f"; vLLM: ValueError: Model architectures ['{arch}'] are not supported for now." if in_vllm is False
+            else "")
+        return [Finding("unknown-architecture", "error", f"architectures[0] = {arch} is not a transformers class",
+                        engine, "set architectures in config.json to the class the weights belong to "
+                        "(e.g. the base model's)", str(src.config_dir / "config.json"))]
     return []
 
 
-def check_pieces(src: Source) -> list[Finding]:
+def check_pieces(src: Source, facts: Facts) -> list[Finding]:
     out = []
     for p in src.pieces:
         if p.kind == "reward-adapter":
@@ -109,55 +382,151 @@ def check_pieces(src: Source) -> list[Finding]:
                                "not part of the policy; exporting it alone would make up a head",
                                "export the reward model from its own RM run folder with --target value",
                                str(p.path)))
+    opt = optimizer_files(src.path)
+    if opt:
+        out.append(Finding("optimizer-state", "info", f"{len(opt)} optimizer/trainer-state files "
+                           f"({sum(f.stat().st_size for f in opt) / 1e6:.1f} MB) beside the weights",
+                           "not loaded by vLLM or transformers", "nothing to do: rlexport export leaves them out",
+                           str(opt[0])))
     return out
 
 
-def check_stage(src: Source) -> list[Finding]:
-    if src.stage == "rm":
-        return [Finding("reward-model", "info", "reward-model (stage rm) checkpoint: the LM head is untrained",
-                        "served as a causal LM it would generate from the base's head",
-                        _export_cmd(src, " --target value"))]
-    return []
-
-
-CHECKS: tuple[Callable[[Source], list[Finding]], ...] = (
-    check_stage, check_value_head, check_adapter, check_dtype, check_vocab, check_files, check_pieces,
+CHECKS: tuple[Callable[[Source, Facts], list[Finding]], ...] = (
+    check_stage, check_value_head, check_adapter, check_base_shapes, check_architecture, check_dtype, check_values,
+    check_vocab, check_ties, check_files, check_pieces,
 )
 
 
-def diagnose(src: Source) -> list[Finding]:
-    return [f for check in CHECKS for f in check(src)]
+def optimizer_files(folder: Path) -> list[Path]:
+    out = [folder / n for n in OPTIMIZER_FILES if (folder / n).is_file()]
+    for step in sorted(folder.glob("global_step*")):
+        out += sorted(p for p in step.rglob("*") if p.is_file())
+    return out
 
 
-def summary(src: Source) -> dict:
-    groups: dict[str, list] = {"base": list(src.weights), "head": list(src.value_head)}
+def gather(src: Source, *, scan: bool | str = "auto") -> Facts:
+    facts = Facts(tokenizer_size=tokenizer_size(src.tokenizer_dirs[0] if src.tokenizer_dirs else None),
+                  embedding_rows=embedding_rows(src))
+    refs = _all_refs(src)
+    if scan == "auto":
+        scan = sum(r.nbytes for r in refs) <= SCAN_LIMIT_BYTES
+    if scan:
+        facts.nonfinite, facts.overflow, facts.peak = scan_values(refs)
+        facts.scanned = True
+    return facts
+
+
+def diagnose(src: Source, *, scan: bool | str = "auto") -> list[Finding]:
+    facts = gather(src, scan=scan)
+    return [f for check in CHECKS for f in check(src, facts)]
+
+
+# --- the report ----------------------------------------------------------------------------------------------------
+def _group(refs, files=()) -> dict:
+    return {"count": len(refs), "bytes": sum(r.nbytes for r in refs),
+            "dtypes": dict(Counter(dtype_name(r.dtype) for r in refs)),
+            "files": sorted({Path(r.origin).name for r in refs if r.origin} | set(files))}
+
+
+def summary(src: Source, facts: Facts | None = None) -> dict:
+    groups: dict[str, dict] = {"base": _group(src.weights)}
     if src.adapter is not None:
         a = src.adapter
-        groups["adapter"] = [m.a for m in a.modules.values()] + [m.b for m in a.modules.values()] + list(a.full.values())
-    dtypes = Counter(dtype_name(r.dtype) for r in src.weights)
+        groups["adapter"] = _group([t for u in a.updates for t in u.tensors.values()] + list(a.full.values()))
+    if src.value_head:
+        groups["head"] = _group(src.value_head)
+    opt = optimizer_files(src.path)
+    if opt:
+        groups["optimizer"] = {"count": None, "bytes": sum(f.stat().st_size for f in opt), "dtypes": {},
+                               "files": [str(f.relative_to(src.path)) for f in opt]}
+    head = None
+    if src.value_head:
+        head = {"role": "reward" if src.stage == "rm" else "value", "file": str(src.value_head_file or ""),
+                "tensors": [{"name": r.name, "shape": list(r.shape), "dtype": dtype_name(r.dtype)}
+                            for r in src.value_head]}
+    adapter = None
+    if src.adapter is not None:
+        a = src.adapter
+        adapter = {"peft_type": str(a.config.get("peft_type") or "LORA").upper(), "r": a.rank,
+                   "alpha": a.config.get("lora_alpha"), "modules": len(a.modules), "full_tensors": sorted(a.full),
+                   "base_model_name_or_path": a.config.get("base_model_name_or_path")}
     return {
+        "schema": SCHEMA, "rlexport_version": __version__, "complete": True,
         "path": str(src.path), "format": src.kind, "producer": src.producer, "stage": src.stage,
         "architecture": _arch(src), "model_type": src.config.get("model_type"),
         "base": str(src.base_dir) if src.base_dir else None, "targets": list(src.targets),
-        "dtypes": dict(dtypes),
-        "tensors": {k: {"count": len(v), "bytes": sum(r.nbytes for r in v)} for k, v in groups.items() if v},
+        "target_commands": {t: _export_cmd(src, "" if t == "policy" else f" --target {t}") for t in src.targets},
+        "head": head, "adapter": adapter,
+        "vocab": {"config": src.config.get("vocab_size"), "embedding_rows": facts.embedding_rows if facts else None,
+                  "tokenizer": facts.tokenizer_size if facts else None},
+        "dtypes": dict(Counter(dtype_name(r.dtype) for r in src.weights)),
+        "tensors": groups,
         "pieces": [{"kind": p.kind, "path": str(p.path), "note": p.note} for p in src.pieces],
+        "scanned": bool(facts and facts.scanned),
     }
 
 
-def inspect(ckpt: str | Path, *, base: str | Path | None = None) -> dict:
-    """What the checkpoint is and what will break. Mirrors `rlexport inspect --json`."""
-    from .errors import RlexportError
+def _partial(ckpt: Path, e: RlexportError) -> dict:
+    """A diagnosis from the files alone, for checkpoints open_checkpoint refuses for a fixable reason."""
+    from .formats.files import refs_of
+    code = PARTIAL[e.code]
+    refs = []
+    for name in ("adapter_model.safetensors", "adapter_model.bin"):
+        if (ckpt / name).is_file():
+            try:
+                refs = refs_of([ckpt / name])
+            except RlexportError:
+                refs = []
+            break
+    empty = [r for r in refs if r.numel == 0]
+    engine = {
+        "adapter-without-config": f"PEFT: ValueError: Can't find 'adapter_config.json' at '{ckpt}'; vLLM "
+                                  "--lora-modules: LoRAAdapterNotFoundError",
+        "base-unresolved": "vLLM cannot load an adapter without its base model",
+        "unsupported-peft-type": "vLLM's runtime LoRA serves plain LoRA only (e.g. 'vLLM does not yet support "
+                                 "DoRA.'); rlexport cannot merge it exactly",
+        "zero3-placeholder": "PEFT: size mismatch for …lora_A.default.weight: copying a param with shape "
+                             "torch.Size([0]) from checkpoint",
+        "base-shape-mismatch": "PEFT: size mismatch for …lora_A.default.weight (the base has other shapes)",
+    }[code]
+    message = e.message
+    if code == "zero3-placeholder" and empty:
+        message = f"{len(empty)} adapter tensors are empty [0]-shaped placeholders (ZeRO-3 saved without gathering)"
+    findings = [Finding(code, "error", message, engine, e.hint, e.file or str(ckpt), _names(empty))]
+    head = ckpt / "value_head.safetensors"
+    groups = {"adapter": _group(refs)} if refs else {}
+    if head.is_file():
+        groups["head"] = _group(refs_of([head]))
+        findings.append(Finding("value-head-present", "warning", "a TRL/LLaMA-Factory value head (v_head.summary) "
+                                f"is in {head.name}", "vLLM and transformers ignore it", "export with --target value "
+                                "once the error above is fixed", str(head)))
+    return {"schema": SCHEMA, "rlexport_version": __version__, "complete": False, "path": str(ckpt),
+            "format": "peft", "producer": None, "stage": None, "architecture": None, "model_type": None,
+            "base": None, "targets": [], "target_commands": {}, "head": None, "adapter": None,
+            "vocab": {"config": None, "embedding_rows": None, "tokenizer": None}, "dtypes": {},
+            "tensors": groups, "pieces": [], "scanned": False, "findings": [f.to_json() for f in findings]}
+
+
+def inspect(ckpt: str | Path, *, base: str | Path | None = None, scan: bool | str = "auto") -> dict:
+    """What the checkpoint is and what will break. Mirrors `rlexport inspect --json` (docs/inspect.schema.json).
+
+    Args:
+        ckpt: the trainer's output folder (or one checkpoint-N/ in it).
+        base: the base model folder or hub id, for adapters whose adapter_config.json does not resolve.
+        scan: read every tensor once for NaN/Inf and float16 range: True, False, or "auto" (up to 2 GB).
+
+    Example:
+        >>> report = rlexport.inspect("saves/ppo")  # doctest: +SKIP
+        >>> [f["code"] for f in report["findings"]]  # doctest: +SKIP
+        ['value-head-present', 'adapter-needs-merge', 'eos-mismatch']
+    """
     from .formats import open_checkpoint
     try:
         src = open_checkpoint(ckpt, base=base)
     except RlexportError as e:
-        if e.code != "base-unresolved":
+        if e.code not in PARTIAL:
             raise
-        # Still a useful diagnosis: say what it is and what to pass.
-        f = Finding("base-unresolved", "error", e.message, "vLLM cannot load an adapter without its base",
-                    e.hint, e.file or "")
-        return {"path": str(ckpt), "format": "peft", "producer": None, "stage": None, "architecture": None,
-                "model_type": None, "base": None, "targets": [], "dtypes": {}, "tensors": {}, "pieces": [],
-                "findings": [f.to_json()]}
-    return {**summary(src), "findings": [f.to_json() for f in diagnose(src)]}
+        return _partial(Path(ckpt), e)
+    facts = gather(src, scan=scan)
+    findings = [f for check in CHECKS for f in check(src, facts)]
+    return {**summary(src, facts), "findings": [f.to_json() for f in findings]}

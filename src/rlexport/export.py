@@ -15,7 +15,8 @@ from .errors import RlexportError
 from .formats import Source, open_checkpoint
 from .tensors import DTYPES, FLOATS, TensorRef, dtype_name, parse_dtype, parse_size
 from .transforms import apply_adapter, cast, strip_wrappers, tie_embeddings
-from .writer import TMP_MARK, AtomicFolder, plan_shards, stale_temporaries, write_index, write_shard
+from .formats.files import check_unchanged
+from .writer import AtomicFolder, OutLock, plan_shards, remove_stale, write_index, write_shards
 
 log = logging.getLogger("rlexport")
 TARGETS = ("policy", "value")
@@ -79,6 +80,11 @@ def plan_policy(src: Source, dtype: torch.dtype, *, allow_nonfinite: bool) -> tu
 def plan(src: Source, *, target: str = "policy", dtype: str = "auto", allow_nonfinite: bool = False) -> Plan:
     if target not in TARGETS:
         raise RlexportError("bad-target", f"unknown target '{target}'", hint=f"use one of {', '.join(TARGETS)}")
+    if src.stage == "ppo-reward-adapter":
+        raise RlexportError("reward-adapter-without-head", "this is the PPO run's reward adapter; LLaMA-Factory never "
+                            "saves its value head, so it is neither the policy nor a complete reward model",
+                            file=src.path, hint="export the policy from the parent folder, and the reward model "
+                            "from its own RM run folder with --target value")
     if target == "policy" and src.stage == "rm":
         raise RlexportError("rm-has-no-policy", "this is a reward-model (stage rm) checkpoint: its LM head was "
                             "never trained", file=src.path, hint="export it with --target value")
@@ -91,12 +97,21 @@ def plan(src: Source, *, target: str = "policy", dtype: str = "auto", allow_nonf
     else:
         from .heads import plan_value
         refs, cfg = plan_value(src, dt, allow_nonfinite=allow_nonfinite)
-    return Plan(src, target, dt, why, tuple(refs), cfg, {"generation_config.json": folder.generation_config(src)}
-                if target == "policy" else {})
+    # A value model generates nothing, but keeping generation_config keeps the eos ids next to the tokenizer.
+    return Plan(src, target, dt, why, tuple(refs), cfg, {"generation_config.json": folder.generation_config(src)})
 
 
 def check_out(out: Path, src: Source, *, force: bool) -> None:
-    out_r = out.resolve()
+    try:
+        os.fsencode(out.absolute()).decode("utf-8")
+    except UnicodeDecodeError:
+        raise RlexportError("non-utf8-path", "--out is not valid UTF-8: the safetensors library and vLLM could not "
+                            "open what would be written there", file=out, hint="choose a UTF-8 --out") from None
+    try:
+        out_r = out.resolve()
+    except (RuntimeError, OSError):  # RuntimeError: a symlink loop (Python < 3.13)
+        raise RlexportError("symlink-loop", "--out is a symbolic link that loops back on itself", file=out,
+                            hint="remove the link or choose another --out") from None
     for inp in filter(None, (src.path, src.base_dir)):
         inp_r = Path(inp).resolve()
         if out_r == inp_r or inp_r in out_r.parents or out_r in inp_r.parents:
@@ -111,26 +126,12 @@ def check_out(out: Path, src: Source, *, force: bool) -> None:
 
 
 def clean_stale(out: Path) -> list[Path]:
-    """Remove temporaries of killed exports to this --out (their pid is gone)."""
-    removed = []
-    for p in stale_temporaries(out):
-        pid = p.name.split(TMP_MARK, 1)[1].split("-", 1)[0]
-        if pid.isdigit() and _alive(int(pid)):
-            continue
-        shutil.rmtree(p, ignore_errors=True)
-        removed.append(p)
-        log.warning("removed the unfinished export %s left by an interrupted run", p)
-    return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    """Remove temporaries of killed exports to this --out, holding its lock: a running export's folder is never
+    touched (and a second export to the same --out fails here with out-locked, before reading anything)."""
+    if not out.parent.is_dir():
+        return []
+    with OutLock(out):
+        return remove_stale(out)
 
 
 def write(p: Plan, out: Path, *, max_shard_size="5GB", force: bool = False,
@@ -140,29 +141,35 @@ def write(p: Plan, out: Path, *, max_shard_size="5GB", force: bool = False,
     clean_stale(out)
     shards = plan_shards(list(p.tensors), parse_size(max_shard_size))
     with AtomicFolder(out, force=force) as tmp:
-        for shard in shards:
-            write_shard(tmp / shard.filename, shard, on_bytes)
-            log.info("wrote %s (%d tensors)", shard.filename, len(shard.refs))
+        # one pipeline over all shards: a shard's fsync overlaps the next shard's reads, merges and writes
+        write_shards([(tmp / shard.filename, shard) for shard in shards], on_bytes)
+        log.info("wrote %d shard(s), %d tensors", len(shards), len(p.tensors))
         write_index(tmp, shards)
         folder.write_json(tmp / "config.json", p.config)
         for name, data in p.extra_files.items():
             folder.write_json(tmp / name, data)
         copied = folder.copy_tokenizer(p.source, tmp)
         files = tuple(sorted(x.name for x in tmp.iterdir()))
-    hint = f"vllm serve {out}" if p.target == "policy" else f"vllm serve {out} --runner pooling"
+        check_unchanged(p.source.path, p.source.base_dir)  # before the commit: a mix of two versions never lands
+    hint = f"vllm serve {out}" if p.target == "policy" else \
+        f"vllm serve {out} --runner pooling  (POST /pooling with task token_classify: raw per-token values)"
     return Report(out, p.target, dtype_name(p.dtype), len(p.tensors), sum(s.nbytes for s in shards),
                   len(shards), files, hint)
 
 
 def export(ckpt: str | Path, out: str | Path, *, base: str | Path | None = None, target: str = "policy",
            dtype: str = "auto", max_shard_size: str | int = "5GB", force: bool = False,
-           allow_nonfinite: bool = False, on_bytes: Callable[[int], None] | None = None) -> Report:
+           allow_nonfinite: bool = False, on_bytes: Callable[[int], None] | None = None,
+           adapter: str | None = None) -> Report:
     """Export a training checkpoint to a Hugging Face folder vLLM serves. Mirrors `rlexport export`.
 
     Example:
         >>> rlexport.export("saves/ppo", "out/policy", dtype="bfloat16")  # doctest: +SKIP
+
+    `adapter` picks one adapter of a PEFT folder holding several (`default` is the root's).
     """
-    src = open_checkpoint(ckpt, base=base)
+    from .formats.peft import select_adapter
+    src = open_checkpoint(select_adapter(ckpt, adapter), base=base)
     check_out(Path(out), src, force=force)
     return write(plan(src, target=target, dtype=dtype, allow_nonfinite=allow_nonfinite), Path(out),
                  max_shard_size=max_shard_size, force=force, on_bytes=on_bytes)

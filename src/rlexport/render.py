@@ -1,28 +1,100 @@
-"""Terminal rendering of inspect reports (rich tables); JSON output never goes through here."""
+"""Terminal rendering of inspect and verify reports (rich tables); JSON output never goes through here.
+
+Both renderers take the JSON form of the report, so what people read and what scripts parse cannot drift.
+Paths under the current directory are shown relative to it.
+"""
 from __future__ import annotations
 
+import os
+
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 COLORS = {"error": "red", "warning": "yellow", "info": "cyan"}
+STATUS = {"pass": "[green]PASS[/]", "fail": "[bold red]FAIL[/]", "skip": "[dim]skip[/]"}
+
+
+def _short(text) -> str:
+    """Paths under the working directory, relative; markup escaped."""
+    here = os.getcwd().rstrip("/") + "/"
+    return escape(str(text).replace(here, ""))
+
+
+def _value(value) -> str:
+    if isinstance(value, list):
+        return ", ".join(map(str, value)) or "-"
+    if isinstance(value, dict):
+        return ", ".join(f"{k}: {v}" for k, v in value.items()) or "-"
+    return "-" if value is None else str(value)
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.2f} MB" if n < 1e9 else f"{n / 1e9:.2f} GB"
 
 
 def render_inspect(console: Console, report: dict) -> None:
     head = Table(show_header=False, box=None, pad_edge=False)
-    for key in ("path", "format", "producer", "stage", "architecture", "base", "targets", "dtypes"):
-        value = report.get(key)
-        head.add_row(f"[bold]{key}[/]", ", ".join(map(str, value)) if isinstance(value, list) else
-                     ", ".join(f"{k}: {v}" for k, v in value.items()) if isinstance(value, dict) else str(value))
+    head.add_column(style="bold", no_wrap=True)
+    head.add_column(overflow="fold")
+    for key in ("path", "format", "producer", "stage", "architecture", "base", "targets"):
+        head.add_row(key, _short(_value(report.get(key))))
+    if report.get("adapter"):
+        a = report["adapter"]
+        head.add_row("adapter", f"{a['peft_type']} r={a['r']} alpha={a['alpha']}, {a['modules']} modules"
+                     + (f", full tensors: {', '.join(a['full_tensors'][:3])}" if a["full_tensors"] else ""))
+    if report.get("head"):
+        h = report["head"]
+        head.add_row("head", f"{h['role']} head: " + ", ".join(f"{t['name']} {t['shape']} {t['dtype']}"
+                                                               for t in h["tensors"]))
+    v = report.get("vocab") or {}
+    if any(v.values()):
+        head.add_row("vocab", f"config {v.get('config')}, embedding rows {v.get('embedding_rows')}, "
+                     f"tokenizer {v.get('tokenizer')}")
     for group, info in report.get("tensors", {}).items():
-        head.add_row(f"[bold]{group} tensors[/]", f"{info['count']} ({info['bytes'] / 1e6:.2f} MB)")
+        count = f"{info['count']} tensors" if info.get("count") is not None else f"{len(info['files'])} files"
+        dtypes = ", ".join(f"{k} {n}" for k, n in info.get("dtypes", {}).items())
+        label = f"{group} files" if info.get("count") is None else f"{group} tensors"
+        head.add_row(label, f"{count}, {_mb(info['bytes'])}" + (f" ({dtypes})" if dtypes else ""))
+    if not report.get("complete", True):
+        head.add_row("note", "[yellow]partial diagnosis: the checkpoint could not be opened (see the error)[/]")
     console.print(head)
-    if not report["findings"]:
-        console.print("no findings")
+    findings = report["findings"]
+    if not findings:
+        console.print("no findings: export it with `rlexport export`")
         return
-    t = Table(title="findings", show_lines=True)
-    for col in ("code", "severity", "what", "vLLM / transformers", "fix"):
-        t.add_column(col, overflow="fold")
-    for f in report["findings"]:
+    t = Table(title=f"{len(findings)} finding(s)", show_lines=True, expand=True)
+    t.add_column("finding", no_wrap=True)
+    t.add_column("what it is, what vLLM / transformers do with it, the fix", overflow="fold", ratio=1)
+    for f in findings:
         sev = f["severity"]
-        t.add_row(f["code"], f"[{COLORS[sev]}]{sev}[/]", f["message"], f["engine"], f["fix"])
+        body = _short(f["message"])
+        if f.get("engine"):
+            body += f"\n[dim]engines:[/] {_short(f['engine'])}"
+        if f.get("fix"):
+            body += f"\n[dim]fix:[/] {_short(f['fix'])}"
+        t.add_row(f"[{COLORS[sev]}]{sev}[/]\n{f['code']}", body)
     console.print(t)
+
+
+def render_verify(console: Console, report: dict) -> None:
+    against = f" against {_short(report['against'])}" if report.get("against") else ""
+    console.print(f"[bold]verify[/] {_short(report['path'])}{against}: {report.get('architecture') or '?'} "
+                  f"({report.get('target') or '?'}, {report.get('dtype') or '?'}), engine {report['engine']}")
+    t = Table(show_lines=False, expand=True)
+    t.add_column("check", no_wrap=True)
+    t.add_column("stage", no_wrap=True, style="dim")
+    t.add_column("result", no_wrap=True)
+    t.add_column("evidence", overflow="fold", ratio=1)
+    for c in report["checks"]:
+        text = _short(c["summary"])
+        if c["status"] == "fail" and c["details"]:
+            text += "".join(f"\n[dim]-[/] {_short(d)}" for d in c["details"][:4])
+        t.add_row(c["name"], c["stage"], STATUS[c["status"]], text)
+    console.print(t)
+    n = {s: sum(c["status"] == s for c in report["checks"]) for s in STATUS}
+    if report["ok"]:
+        console.print(f"[green]OK[/]: {n['pass']} passed, {n['skip']} skipped")
+    else:
+        console.print(f"[bold red]FAILED[/]: {', '.join(report['failed'])} ({n['fail']} failed, {n['pass']} "
+                      f"passed, {n['skip']} skipped)")

@@ -67,7 +67,8 @@ class Scratch:
 
 
 class Rows:
-    """An opened StreamLoader: `rows()` may be called from several threads at once."""
+    """An opened StreamLoader: `rows()` may be called from several threads at once. The block it returns lives
+    in `scratch` (or is fresh) and belongs to the caller, who may modify it in place."""
 
     def rows(self, start: int, stop: int, scratch: Scratch) -> torch.Tensor:
         raise NotImplementedError
@@ -113,7 +114,7 @@ def pread_into(fd: int, buf: torch.Tensor, offset: int, path: Path | str) -> Non
         done += n
 
 
-class FileSlice(StreamLoader, Rows):
+class FileSlice(StreamLoader):
     """A tensor stored contiguously at `offset` in `path` (a safetensors data section)."""
 
     def __init__(self, path: Path | str, offset: int, dtype: torch.dtype, shape: tuple[int, ...],
@@ -130,33 +131,44 @@ class FileSlice(StreamLoader, Rows):
         return self.path, self.offset, self.nbytes
 
     def open(self) -> Rows:
-        return self
+        try:
+            return _FileRows(self)
+        except OSError as e:
+            raise self._error(e) from None
+
+    def _error(self, e: OSError) -> Exception:
+        return self.on_error(e) if self.on_error is not None else e
+
+
+class _FileRows(Rows):
+    def __init__(self, spec: FileSlice):
+        self.spec = spec
+        self.fd = os.open(spec.path, os.O_RDONLY | os.O_CLOEXEC)
+        self.row_bytes = row_numel(spec.shape) * spec.dtype.itemsize
 
     def rows(self, start: int, stop: int, scratch: Scratch) -> torch.Tensor:
-        out = scratch.take(self.dtype, block_shape(self.shape, start, stop))
-        row_bytes = row_numel(self.shape) * self.dtype.itemsize
+        spec = self.spec
+        out = scratch.take(spec.dtype, block_shape(spec.shape, start, stop))
         try:
-            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                pread_into(fd, out, self.offset + start * row_bytes, self.path)
-            finally:
-                os.close(fd)
+            pread_into(self.fd, out, spec.offset + start * self.row_bytes, spec.path)
         except OSError as e:
-            if self.on_error is not None:
-                raise self.on_error(e) from None
-            raise
+            raise spec._error(e) from None
         return out
+
+    def close(self) -> None:
+        if self.fd is not None:
+            fd, self.fd = self.fd, None
+            os.close(fd)
 
 
 # ---- transforms ----
 
 class AddLowRank(StreamLoader):
-    """float32(base) + scale * (left @ right), added in place into the float32 block (no delta tensor).
+    """float32(base) + (left @ right) * scale, in PEFT's operation order (so a float32 export equals PEFT's float32
+    merge bit for bit): the product rounded to float32, then scaled, then added in place into the float32 block.
 
     `left` and `right` are loaded once per open(), in float32; rows of the result need rows of `left` only.
     """
-
-    streamable = True
 
     def __init__(self, base: Callable[[], torch.Tensor], left: Callable[[], torch.Tensor],
                  right: Callable[[], torch.Tensor], scale: float, shape: tuple[int, ...]):
@@ -173,8 +185,7 @@ class AddLowRank(StreamLoader):
         w = self.base()
         # the base load may hand out a shared tensor (pickled state dicts): never add into it
         out = w.to(torch.float32, copy=True) if w.dtype != torch.float32 else w.clone()
-        left, right = _f32(self.left()), _f32(self.right())
-        return out.addmm_(left, right, alpha=self.scale)
+        return out.add_((_f32(self.left()) @ _f32(self.right())).mul_(self.scale))
 
 
 def _f32(t: torch.Tensor) -> torch.Tensor:
@@ -184,17 +195,27 @@ def _f32(t: torch.Tensor) -> torch.Tensor:
 class _AddLowRankRows(Rows):
     def __init__(self, spec: AddLowRank):
         self.spec = spec
+        # alpha / r is usually a power of two (alpha = 2r, 16/8...): scaling by it is exact in float32
+        self.pow2 = spec.scale > 0 and math.frexp(spec.scale)[0] == 0.5
         self.inner = spec.base.open()
-        self.left, self.right = _f32(spec.left()), _f32(spec.right())
+        try:
+            self.left, self.right = _f32(spec.left()), _f32(spec.right())
+        except BaseException:
+            self.inner.close()
+            raise
 
     def rows(self, start: int, stop: int, scratch: Scratch) -> torch.Tensor:
         w = self.inner.rows(start, stop, scratch)
         if w.dtype == torch.float32:
-            out = w  # the block is ours (a scratch buffer): add in place
+            out = w  # blocks from rows() belong to the caller (scratch buffers): add in place
         else:
             out = scratch.take(torch.float32, tuple(w.shape))
             out.copy_(w)
-        return out.addmm_(self.left[start:stop], self.right, alpha=self.spec.scale)
+        d = scratch.take(torch.float32, tuple(w.shape))
+        torch.mm(self.left[start:stop], self.right, out=d)
+        if self.pow2:  # d * scale is exact: w + d * scale rounds once either way, skip the pass over d
+            return out.add_(d, alpha=self.spec.scale)
+        return out.add_(d.mul_(self.spec.scale))
 
     def close(self) -> None:
         self.inner.close()

@@ -57,6 +57,8 @@ class Source:
     def targets(self) -> tuple[str, ...]:
         if self.stage == "rm":
             return ("value",)
+        if self.stage == "ppo-reward-adapter":
+            return ()  # a reward adapter without its head is neither a policy nor a servable reward model
         return ("policy", "value") if self.value_head else ("policy",)
 
 

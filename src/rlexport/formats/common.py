@@ -6,7 +6,7 @@ from pathlib import Path
 
 from ..errors import RlexportError
 from ..tensors import TensorRef
-from .files import refs_of, weight_files
+from .files import check_index, refs_of, weight_files
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "chat_template.json", "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json")
@@ -99,7 +99,9 @@ def model_weights(folder: Path) -> list[TensorRef]:
     if not files:
         raise RlexportError("missing-weights", "no model weights (model*.safetensors / pytorch_model*.bin)",
                             file=folder, hint="pass the folder that holds the model weights")
-    return refs_of(files)
+    refs = refs_of(files)
+    check_index(folder, refs)
+    return refs
 
 
 def pieces_beside(folder: Path):

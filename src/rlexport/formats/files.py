@@ -1,9 +1,13 @@
 """Reading weight files: safetensors headers first, bytes on demand; pickles only with weights_only."""
 from __future__ import annotations
 
+import errno
 import json
+import os
 import pickle
+import re
 import struct
+import zipfile
 from functools import lru_cache
 from pathlib import Path
 
@@ -19,15 +23,13 @@ INDEX_NAMES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 
 def read_json(path: Path) -> dict:
     try:
+        remember(path)
         data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise RlexportError("missing-file", "file not found", file=path, hint="check the path") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise RlexportError("invalid-json", f"not valid JSON ({e})", file=path,
                             hint="restore the file from the training run") from None
     except OSError as e:
-        raise RlexportError("unreadable-file", f"cannot read: {e.strerror}", file=path,
-                            hint="check permissions") from None
+        raise input_error(path, e) from None
     if not isinstance(data, dict):
         raise RlexportError("invalid-json", "expected a JSON object", file=path,
                             hint="restore the file from the training run")
@@ -41,12 +43,149 @@ def _handle(path: str):
 
 
 def _corrupt(path: Path, err: Exception) -> RlexportError:
+    if isinstance(err, OSError) and err.errno is not None:
+        return input_error(path, err)
     return RlexportError("corrupt-safetensors", f"unreadable safetensors file ({err})", file=path,
                          hint="the file is truncated or damaged; copy it again from the training machine")
 
 
+def input_error(path: Path | str, e: OSError) -> RlexportError:
+    """An OSError met while reading an input file, as the error the user can act on."""
+    if e.errno == errno.ELOOP:
+        return RlexportError("symlink-loop", "symbolic links loop back on themselves", file=path,
+                             hint="point the link at the real file")
+    if e.errno in (errno.EACCES, errno.EPERM):
+        return RlexportError("unreadable-file", f"cannot read: {e.strerror}", file=path,
+                             hint="give your user read permission on the checkpoint (and the base model)")
+    if e.errno == errno.ENOENT:
+        return RlexportError("missing-file", "file not found (or a dangling symlink)", file=path,
+                             hint="copy the file from the training run")
+    if e.errno == errno.EISDIR:
+        return RlexportError("not-a-file", "expected a file, found a folder", file=path,
+                             hint="remove the folder or put the file there")
+    return RlexportError("unreadable-file", f"cannot read: {e.strerror or e}", file=path,
+                         hint="check the file and the disk it is on")
+
+
+# ---- validating a safetensors header before anything trusts it ----
+# The library checks headers too, but reads them first, with its own limits and terse messages; the offsets we
+# pread from come from the header, so it is checked here: every length against the real file size before any
+# allocation, then JSON, dtypes, shapes and byte ranges (in bounds, sized by dtype x shape, no overlap, no gap).
+MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit
+ST_ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "F8_E8M0": 1, "I16": 2, "U16": 2,
+               "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8, "C64": 8}
+
+
+def _bad_header(path: Path, why: str) -> RlexportError:
+    return RlexportError("corrupt-safetensors", f"invalid safetensors file: {why}", file=path,
+                         hint="the file is truncated or damaged; copy it again from the training machine")
+
+
+def _is_index(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def check_safetensors(path: Path) -> dict:
+    """Validate a safetensors file's header against its size; returns the header. Reads only the header."""
+    try:
+        os.fsencode(path).decode("utf-8")
+    except UnicodeDecodeError:
+        raise RlexportError("non-utf8-path", "the path is not valid UTF-8, which the safetensors library (and "
+                            "vLLM) cannot open", file=path, hint="rename the folder or file to a UTF-8 name") from None
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            head = f.read(8)
+            if len(head) < 8:
+                raise _bad_header(path, f"{size} bytes, shorter than the 8-byte header length")
+            (n,) = struct.unpack("<Q", head)
+            if n > size - 8:
+                raise _bad_header(path, f"the header length says {n} bytes but the file has {size}")
+            if n > MAX_HEADER_BYTES:
+                raise _bad_header(path, f"a {n}-byte header (the format allows {MAX_HEADER_BYTES})")
+            raw = f.read(n)
+    except OSError as e:
+        raise input_error(path, e) from None
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except ValueError:  # JSONDecodeError and UnicodeDecodeError
+        raise _bad_header(path, "the header is not valid JSON") from None
+    if not isinstance(header, dict):
+        raise _bad_header(path, "the header is not a JSON object")
+    data_len = size - 8 - n
+    spans = []
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if not isinstance(info, dict):
+            raise _bad_header(path, f"tensor '{name}' has no dtype/shape/data_offsets")
+        dtype, shape, offs = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+        if not isinstance(shape, list) or not all(_is_index(s) for s in shape):
+            raise _bad_header(path, f"tensor '{name}' has an invalid shape {shape!r}")
+        if not (isinstance(offs, list) and len(offs) == 2 and all(_is_index(o) for o in offs)) \
+                or offs[0] > offs[1]:
+            raise _bad_header(path, f"tensor '{name}' has invalid data_offsets {offs!r}")
+        if offs[1] > data_len:
+            raise _bad_header(path, f"tensor '{name}' ends at byte {offs[1]} of a {data_len}-byte data section "
+                                    "(truncated file or lying header)")
+        if not isinstance(dtype, str):
+            raise _bad_header(path, f"tensor '{name}' has an invalid dtype {dtype!r}")
+        itemsize = ST_ITEMSIZE.get(dtype)
+        numel = 1
+        for s in shape:
+            numel *= s
+        if itemsize is not None and numel * itemsize != offs[1] - offs[0]:
+            raise _bad_header(path, f"tensor '{name}' is {dtype} {shape} ({numel * itemsize} bytes) but its "
+                                    f"data_offsets span {offs[1] - offs[0]} bytes")
+        spans.append((offs[0], offs[1], name))
+    pos, prev = 0, None
+    for begin, end, name in sorted(spans):
+        if begin < pos:
+            raise _bad_header(path, f"tensors '{prev}' and '{name}' overlap")
+        if begin > pos:
+            raise _bad_header(path, f"{begin - pos} bytes before tensor '{name}' belong to no tensor")
+        pos, prev = end, name
+    if pos != data_len:
+        raise _bad_header(path, f"{data_len - pos} bytes after the last tensor belong to no tensor")
+    return header
+
+
+# ---- inputs must not change while they are read ----
+# (size, mtime_ns, inode) of every input file when it was opened; export compares them before it commits.
+_READ: dict[str, tuple[int, int, int]] = {}
+
+
+def _stamp(path: Path | str) -> tuple[int, int, int]:
+    st = os.stat(path)
+    return st.st_size, st.st_mtime_ns, st.st_ino
+
+
+def remember(path: Path | str) -> None:
+    _READ[os.path.abspath(path)] = _stamp(path)
+
+
+def check_unchanged(*folders: Path | str | None) -> None:
+    """Raise input-changed if a file read from one of the folders was modified or replaced since."""
+    roots = [os.path.join(os.path.abspath(f), "") for f in folders if f is not None]
+    for path, stamp in list(_READ.items()):
+        if not any(path.startswith(r) for r in roots):
+            continue
+        try:
+            now = _stamp(path)
+        except OSError:
+            now = None
+        if now != stamp:
+            raise RlexportError("input-changed", "the file changed while it was being exported", file=path,
+                                hint="wait until training has finished writing the checkpoint, then export again")
+
+
 def safetensors_refs(path: Path) -> list[TensorRef]:
     """TensorRefs for every tensor of a safetensors file, in file (offset) order."""
+    before = _READ.get(os.path.abspath(path))
+    if before is not None and before != _stamp_or_none(path):
+        _handle.cache_clear()  # never serve a handle opened on an older version of the file
+    check_safetensors(path)
+    remember(path)
     try:
         h = _handle(str(path))
         names = list(h.offset_keys()) if hasattr(h, "offset_keys") else list(h.keys())
@@ -64,6 +203,13 @@ def safetensors_refs(path: Path) -> list[TensorRef]:
     except (SafetensorError, OSError, KeyError, ValueError) as e:
         _handle.cache_clear()
         raise _corrupt(path, e) from None
+
+
+def _stamp_or_none(path: Path) -> tuple[int, int, int] | None:
+    try:
+        return _stamp(path)
+    except OSError:
+        return None
 
 
 def _data_offsets(path: Path) -> dict[str, int]:
@@ -90,13 +236,21 @@ def safetensors_metadata(path: Path) -> dict:
 def load_pickle_weights(path: Path) -> dict[str, torch.Tensor]:
     """A .bin/.pt state dict, read with weights_only=True: no code from the file ever runs."""
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        remember(path)
+        # mmap needs torch's zip format; older torch.save files are plain pickles (read the same safe way)
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError as e:
-        raise RlexportError("unsafe-pickle", f"refused to unpickle: {str(e).splitlines()[0][:160]}", file=path,
-                            hint="only plain tensor state dicts are read; convert the file to safetensors "
-                                 "where it was made") from None
-    except (RuntimeError, EOFError, OSError) as e:
-        raise RlexportError("corrupt-pickle", f"unreadable weights file ({str(e).splitlines()[0][:160]})",
+        calls = re.search(r"GLOBAL (\S+) was not an allowed global", str(e))
+        why = f"it would call {calls.group(1)}, which a plain tensor file never does" if calls else \
+            (str(e).strip().splitlines() or ["not a plain tensor file"])[0][:160]
+        raise RlexportError("unsafe-pickle", f"refused to unpickle: {why}; nothing in it was run",
+                            file=path, hint="only plain tensor state dicts are read; convert the file to "
+                                            "safetensors where it was made, if you trust it") from None
+    except OSError as e:
+        raise input_error(path, e) from None
+    except Exception as e:  # whatever torch raises on damaged bytes (RuntimeError, EOFError, ValueError...)
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise RlexportError("corrupt-pickle", f"unreadable weights file ({first})",
                             file=path, hint="the file is truncated or damaged; copy it again") from None
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise RlexportError("corrupt-pickle", "not a state dict of tensors", file=path,
@@ -118,6 +272,11 @@ def weight_files(folder: Path) -> list[Path]:
             if not isinstance(wm, dict):
                 raise RlexportError("invalid-index", "index has no weight_map", file=index,
                                     hint="restore the index from the training run")
+            bad = [f for f in wm.values() if not isinstance(f, str) or f in ("", ".", "..") or "/" in f
+                   or os.sep in f or f != Path(f).name]
+            if bad:
+                raise RlexportError("invalid-index", f"index names a shard outside the checkpoint folder: "
+                                    f"{bad[0]!r}", file=index, hint="shards are plain file names beside the index")
             files = sorted(set(wm.values()))
             missing = [f for f in files if not (folder / f).is_file()]
             if missing:
@@ -128,6 +287,20 @@ def weight_files(folder: Path) -> list[Path]:
     if st:
         return st
     return sorted(folder.glob("pytorch_model*.bin"))
+
+
+def check_index(folder: Path, refs: list[TensorRef]) -> None:
+    """Every tensor the index lists must be in the shards (a stale index over re-saved shards is not)."""
+    for index_name in INDEX_NAMES:
+        index = folder / index_name
+        if index.is_file():
+            have = {r.name for r in refs}
+            lost = [name for name in read_json(index).get("weight_map", {}) if name not in have]
+            if lost:
+                raise RlexportError("index-mismatch", f"the index lists {len(lost)} tensor(s) no shard holds, "
+                                    f"e.g. '{lost[0]}'", file=index,
+                                    hint="the index and the shards come from different saves; copy them again")
+            return
 
 
 def refs_of(files: list[Path]) -> list[TensorRef]:

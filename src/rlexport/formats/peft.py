@@ -21,6 +21,39 @@ def detect(path: Path) -> bool:
     return (path / "adapter_config.json").is_file() or any((path / f).is_file() for f in ADAPTER_FILES)
 
 
+def is_reward_adapter(path: Path) -> bool:
+    """LLaMA-Factory PPO with reward_model_type: lora saves the reward adapter in `<ckpt>/reward/` (PEFT writes
+    non-default adapters to a subfolder named after them); its value head lives only in memory."""
+    return path.name == "reward" and detect(path.parent)
+
+
+def adapters_in(path: Path) -> dict[str, Path]:
+    """The adapters of a PEFT folder by name: `default` at the root, the others in `<name>/` (PeftModel.
+    save_pretrained with several adapters)."""
+    found = {"default": path} if (path / "adapter_config.json").is_file() else {}
+    if path.is_dir():
+        for sub in sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith(("checkpoint-", "."))):
+            if (sub / "adapter_config.json").is_file():
+                found.setdefault(sub.name, sub)
+    return found
+
+
+def select_adapter(path: str | Path, name: str | None) -> Path:
+    """The folder to read for `--adapter NAME` (None: the root's adapter, or the only one)."""
+    path = Path(path)
+    found = adapters_in(path) if path.is_dir() and not (path / "config.json").is_file() else {}
+    if name is None:
+        if "default" in found or len(found) <= 1:
+            return next(iter(found.values()), path)
+        raise RlexportError("several-adapters", f"the folder holds adapters {', '.join(found)}", file=path,
+                            hint="pick one with --adapter NAME")
+    if name not in found:
+        what = f"adapters {', '.join(found)}" if found else "no PEFT adapter"
+        raise RlexportError("adapter-not-found", f"no adapter '{name}' here (the folder holds {what})", file=path,
+                            hint="pass one of the names listed, or the adapter's own folder")
+    return found[name]
+
+
 def adapter_file(path: Path) -> Path:
     for name in ADAPTER_FILES:
         if (path / name).is_file():
@@ -39,9 +72,12 @@ def read(path: Path, *, base=None) -> Source:
     base_dir = resolve_base(base if base is not None else config.get("base_model_name_or_path"),
                             relative_to=path, explicit=base is not None)
     base_config = read_json(base_dir / "config.json")
+    adapter = adapter.bind(base_config)  # the merge needs the architecture and the tied-embeddings flag
     head_files = [f for f in ("pytorch_model.bin",) if (path / f).is_file()]
     head, head_file = find_value_head(path, refs_of([path / f for f in head_files]) if head_files else [])
     producer, stage = trainer_stage(path, bool(head))
+    if is_reward_adapter(path) and not head:
+        stage = "ppo-reward-adapter"
     if producer == "transformers":
         producer = "peft"
     return Source(

@@ -116,7 +116,8 @@ def _classify(refs: list[TensorRef], file: Path):
             if m:
                 if m["ad"]:
                     names.add(m["ad"])
-                parts.setdefault((m["module"], kind), {})[role or m["role"]] = ref
+                key = (m["module"], "lora" if kind == "embedding" else kind)
+                parts.setdefault(key, {})[("emb_" if kind == "embedding" else "") + (role or m["role"])] = ref
                 break
         else:
             plain = _full_name(name)
@@ -136,7 +137,9 @@ def _classify(refs: list[TensorRef], file: Path):
     return parts, full
 
 
-def _lora_update(module: str, kind: str, t: dict[str, TensorRef], config: dict, file: Path) -> Update:
+def _lora_update(module: str, t: dict[str, TensorRef], config: dict, file: Path) -> Update:
+    kind = "embedding" if "emb_A" in t or "emb_B" in t else "lora"
+    t = {k.removeprefix("emb_"): v for k, v in t.items()}
     if set(t) - {"A", "B", "bias", "magnitude"} or not {"A", "B"} <= set(t):
         raise RlexportError("adapter-incomplete", f"module {module} lacks lora_A or lora_B", file=file,
                             hint="the adapter file is incomplete; copy it again from the training run")
@@ -178,8 +181,8 @@ def read_adapter(folder: Path, config: dict, refs: list[TensorRef]) -> Adapter:
         if expected != ptype and kind != "tokens":
             raise RlexportError("adapter-inconsistent", f"{module} has {kind} tensors but adapter_config.json says "
                                 f"peft_type {ptype}", file=cfg_file, hint="use the config saved with these weights")
-        if kind in ("lora", "embedding"):
-            updates.append(_lora_update(module, kind, t, config, file))
+        if kind == "lora":
+            updates.append(_lora_update(module, t, config, file))
         elif kind in ("loha", "lokr"):
             if {"hada_t1", "hada_t2", "lokr_t2"} & set(t):
                 raise RlexportError("unsupported-lora-variant", f"{module}: convolutional (CP) {kind.upper()} "
