@@ -89,12 +89,28 @@ def memavailable() -> int:
 
 # ---- one timed run -------------------------------------------------------------------------------------------
 
+NICE = 0  # --nice: priority of the benchmarked processes (negative = ahead of other work on a shared machine)
+
+
 def _oom_first() -> None:
     # if the machine runs out of memory, let the kernel kill the benchmarked process, not a neighbour
     try:
         Path("/proc/self/oom_score_adj").write_text("1000")
     except OSError:
         pass
+    if NICE:
+        # a session of its own, whose autogroup gets the priority: with CONFIG_SCHED_AUTOGROUP the scheduler shares
+        # the CPUs between sessions first, so a plain nice value does nothing against other sessions' work
+        os.setsid()
+        for path, value in (("/proc/self/autogroup", NICE),):
+            try:
+                Path(path).write_text(f"{value}\n")
+            except OSError:
+                pass
+        try:
+            os.setpriority(os.PRIO_PROCESS, 0, NICE)
+        except OSError:
+            pass
 
 
 def timed(cmd: list[str], dev: str | None, log: Path) -> dict:
@@ -200,9 +216,17 @@ def check_outputs(base: Path, adapter: Path, out: Path, rank: int) -> dict:
             e = min(rows, s + 4096)
             ref = W[s:e].float() + (B[s:e] @ A) * scale
             got = O[s:e]
-            err = ulp_error(got, ref)
-            stats["max_ulp"] = max(stats["max_ulp"], float(err.max()))
-            stats["not_correctly_rounded"] += int((got != ref.to(torch.bfloat16)).sum())
+            # an element equal to the correctly rounded reference is within 0.5 ulp of it by definition; the
+            # error is computed where they differ
+            bad = got != ref.to(torch.bfloat16)
+            n_bad = int(bad.sum())
+            if n_bad:
+                err = ulp_error(got[bad], ref[bad])
+                stats["max_ulp"] = max(stats["max_ulp"], float(err.max()))
+                stats["sum_ulp_bad"] = stats.get("sum_ulp_bad", 0.0) + float(err.sum())
+            else:
+                stats["max_ulp"] = max(stats["max_ulp"], 0.5)
+            stats["not_correctly_rounded"] += n_bad
             stats["elements"] += got.numel()
     return stats
 
@@ -250,8 +274,12 @@ def main() -> None:
     ap.add_argument("--no-check", action="store_true")
     ap.add_argument("--no-profile", action="store_true")
     ap.add_argument("--clean", action="store_true", help="delete the generated inputs at the end")
+    ap.add_argument("--nice", type=int, default=0, help="run the timed processes at this nice value (root: "
+                    "negative values put them ahead of other work on a shared machine)")
     ap.add_argument("--render", action="store_true", help="only rebuild RESULTS.md from results-*.json")
     args = ap.parse_args()
+    global NICE
+    NICE = args.nice
     if args.render:
         render()
         return
@@ -269,7 +297,7 @@ def main() -> None:
     dev = disk_of(args.root)
     input_bytes = output_bytes(base) + output_bytes(adapter)
     results: dict = {"geometry": args.geometry, "model": geo.name, "rank": args.rank, "targets": list(targets),
-                     "input_bytes": input_bytes, "machine": machine(), "runs": {}}
+                     "input_bytes": input_bytes, "machine": machine(), "nice": args.nice, "runs": {}}
     methods = [m.strip() for m in args.methods.split(",")]
     for method in methods:
         if method == "standard":

@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import pickle
 import shutil
 import signal
 import struct
@@ -152,9 +151,14 @@ def _serve() -> None:
     for line in sys.stdin:
         req = json.loads(line)
         if req["op"] == "start":
+            r, w = os.pipe()
             pid = os.fork()
             if pid == 0:
-                _child(req, devnull)  # never returns
+                os.close(r)
+                _child(req, devnull, w)  # never returns
+            os.close(w)
+            os.read(r, 1)  # the child is about to call main() (or died): delays are measured from there
+            os.close(r)
             rep = {"pid": pid}
         elif req["op"] == "poll":
             rep = {"rc": reap(req["pid"], False)}
@@ -169,17 +173,17 @@ def _serve() -> None:
         proto_out.flush()
 
 
-def _child(req: dict, devnull: int) -> None:
+def _child(req: dict, devnull: int, ready: int) -> None:
     code = 1
     try:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
         os.setpgid(0, 0)
         os.dup2(devnull, 0)
         for fd, name in ((1, req["out"]), (2, req["err"])):
             f = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             os.dup2(f, fd)
             os.close(f)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
         os.environ.update(req["env"])
         if req["cwd"]:
             os.chdir(req["cwd"])
@@ -192,6 +196,8 @@ def _child(req: dict, devnull: int) -> None:
             os.setuid(req["user"])
         sys.argv = ["rlexport", *req["argv"]]
         from rlexport.cli import main
+        os.write(ready, b"1")
+        os.close(ready)
         try:
             main()
             code = 0
@@ -851,7 +857,7 @@ def _(d, g):
     return run
 
 
-@case("adapter-base-other-hidden-size", "adapter-base-mismatch")
+@case("adapter-base-other-hidden-size", "base-shape-mismatch")
 def _(d, g):
     """The adapter (hidden 128) pointed at a base with hidden size 256."""
     ckpt, base, out, run = _lora_case(d, g, g.wide)

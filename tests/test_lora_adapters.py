@@ -86,8 +86,8 @@ def test_qlora_adapter_merges_into_the_full_precision_base_and_refuses_a_quantiz
     cfg = json.loads((quant / "config.json").read_text())
     cfg["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4"}
     (quant / "config.json").write_text(json.dumps(cfg))
-    adapter = make_adapter(tmp_path / "qlora", qwen2, Case("qwen2", "qlora", dict(target_modules=["q_proj", "down_proj"],
-                                                                                  r=16, lora_alpha=32)))
+    case = Case("qwen2", "qlora", dict(target_modules=["q_proj", "down_proj"], r=16, lora_alpha=32))
+    adapter = make_adapter(tmp_path / "qlora", qwen2, case)
     cfg = json.loads((adapter / "adapter_config.json").read_text())
     cfg["base_model_name_or_path"] = str(quant)
     (adapter / "adapter_config.json").write_text(json.dumps(cfg))
@@ -117,7 +117,7 @@ def test_peft_merge_of_a_one_sided_tied_lora_changes_the_model(tmp_path):
     torch.testing.assert_close(export_logits(out, 320), trained, rtol=0, atol=1e-4)
 
 
-def test_streamed_row_blocks_equal_the_whole_merge_bit_for_bit():
+def test_streamed_row_blocks_equal_peft_order_merge_bit_for_bit():
     from rlexport.lora.streamed import LowRankMerge
     from rlexport.stream import Rows, Scratch, StreamLoader
     from rlexport.tensors import TensorRef
@@ -147,3 +147,30 @@ def test_streamed_row_blocks_equal_the_whole_merge_bit_for_bit():
         opened = loader.open()
         blocks = torch.cat([opened.rows(i, min(i + 37, 300), Scratch()).clone() for i in range(0, 300, 37)])
         assert torch.equal(blocks, peft)
+
+
+def test_a_bfloat16_adapter_file_merges_as_peft_upcasts_it(tmp_path, qwen2):
+    # trainers often save adapters in bf16; PEFT loads them upcast to float32 (autocast_adapter_dtype)
+    from safetensors.torch import load_file, save_file
+    adapter = make_adapter(tmp_path / "a", qwen2, Case("qwen2", "bf16", dict(target_modules=["q_proj", "up_proj"],
+                                                                            use_dora=True, use_rslora=True)))
+    f = adapter / "adapter_model.safetensors"
+    save_file({k: v.to(torch.bfloat16) for k, v in load_file(f).items()}, f)
+    got = load_folder(rlexport.export(adapter, tmp_path / "out", dtype="float32").out)
+    assert_matches_oracle(got, peft_oracle(qwen2, adapter, tmp_path / "oracle").tensors)
+
+
+def test_an_in_memory_peft_dump_with_adapter_names_reads_like_the_saved_file(tmp_path, qwen2):
+    # `lora_A.default.weight`, `lora_magnitude_vector.default.weight`: names of a live PeftModel's state dict
+    from safetensors.torch import load_file, save_file
+    import shutil
+    saved = make_adapter(tmp_path / "a", qwen2, Case("qwen2", "dump", dict(target_modules=["k_proj"], use_dora=True)))
+    oracle = peft_oracle(qwen2, saved, tmp_path / "oracle").tensors
+    adapter = shutil.copytree(saved, tmp_path / "dump")
+    f = adapter / "adapter_model.safetensors"
+    renamed = {k.replace(".lora_A.", ".lora_A.default.").replace(".lora_B.", ".lora_B.default.")
+               .replace("lora_magnitude_vector", "lora_magnitude_vector.default.weight"): v
+               for k, v in load_file(f).items()}
+    save_file(renamed, f)
+    assert any(".default." in k for k in load_file(f))
+    assert_matches_oracle(load_folder(rlexport.export(adapter, tmp_path / "out", dtype="float32").out), oracle)

@@ -11,9 +11,9 @@ Helpers here are shared with the other test_lora_* modules.
 from __future__ import annotations
 
 import json
-import shutil
 import warnings
-from dataclasses import dataclass, field
+import zlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -65,7 +65,6 @@ class Case:
     resize: int | None = None        # grow the vocabulary before training (LLaMA-Factory resize_vocab)
     tied: bool | None = None         # override the architecture's tie_word_embeddings
     expect_tied: bool | None = None  # what the export's config must say (None: the oracle's)
-    extra: dict = field(default_factory=dict)
 
     @property
     def id(self) -> str:
@@ -104,11 +103,10 @@ def variants(arch: str) -> list[Case]:
     if arch in MOE:
         out.append(Case(arch, "moe_experts", dict(target_modules=[first], target_parameters=MOE[arch], r=2,
                                                   rank_pattern={"down_proj": 3})))
-    if arch in ("llama", "qwen2", "gpt2"):
-        out.append(Case(arch, "loha", dict(target_modules=[m for m in t if arch != "gpt2"] or ["lm_head"],
-                                           r=4, alpha=8), kind="loha"))
-        out.append(Case(arch, "lokr", dict(target_modules=[m for m in t if arch != "gpt2"] or ["lm_head"],
-                                           r=4, alpha=8), kind="lokr"))
+    if arch in ("llama", "qwen2", "gpt2"):  # the other PEFT types with a closed-form merge
+        linear = ["lm_head"] if arch == "gpt2" else t  # rlexport merges LoHa/LoKr on Linear layers, not Conv1D
+        out.append(Case(arch, "loha", dict(target_modules=linear, r=4, alpha=8), kind="loha"))
+        out.append(Case(arch, "lokr", dict(target_modules=linear, r=4, alpha=8), kind="lokr"))
         out.append(Case(arch, "ia3", dict(target_modules=t, feedforward_modules=[last]), kind="ia3"))
     return out
 
@@ -123,6 +121,18 @@ def base_model(root: Path, arch: str, *, tied: bool | None = None, seed: int = 0
     if not (path / "config.json").is_file():
         make_tiny_model(path, seed=seed, **spec)
     return path
+
+
+_LOADED: dict[Path, torch.nn.Module] = {}
+
+
+def load_base(base: Path):
+    """A fresh float32 copy of the base model (PEFT edits models in place; loading once per base is faster)."""
+    import copy
+    from transformers import AutoModelForCausalLM
+    if base not in _LOADED:
+        _LOADED[base] = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    return copy.deepcopy(_LOADED[base])
 
 
 def grown_tokenizer(dest: Path, size: int) -> None:
@@ -147,9 +157,10 @@ def peft_config(case: Case):
 
 def make_adapter(path: Path, base: Path, case: Case, *, seed: int = 1) -> Path:
     """Train-like adapter: every trainable tensor moved off its init (B, magnitudes, copies, token rows)."""
-    from peft import get_peft_model
-    from transformers import AutoModelForCausalLM
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    from unittest import mock
+
+    from peft import PeftModel, get_peft_model
+    model = load_base(base)
     if case.resize:
         model.resize_token_embeddings(case.resize, mean_resizing=False)
     with warnings.catch_warnings():
@@ -166,7 +177,7 @@ def make_adapter(path: Path, base: Path, case: Case, *, seed: int = 1) -> Path:
                 p.copy_(torch.randn_like(p) * 0.05)
             else:  # modules_to_save copies, trainable token rows, biases (bias="all")
                 p.add_(torch.randn_like(p) * 0.05)
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), mock.patch.object(PeftModel, "create_or_update_model_card"):  # no README
         warnings.simplefilter("ignore")
         pm.save_pretrained(path)
     cfg = json.loads((path / "adapter_config.json").read_text())
@@ -212,12 +223,11 @@ def peft_oracle(base: Path, adapter: Path, out: Path, *, resize: int | None = No
     other side (test_peft_merge_of_a_one_sided_tied_lora_changes_the_model shows it); the logits still come
     from the adapter on the tied base, as trained."""
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM
     if untie:
         logits = peft_oracle(base, adapter, out, resize=resize).logits
         merged = peft_oracle(base, adapter, out.with_name(out.name + "-untied"), resize=resize, untie_first=True)
         return Oracle(merged.tensors, merged.config, logits)
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    model = load_base(base)
     if resize:
         model.resize_token_embeddings(resize, mean_resizing=False)
     if untie_first:
@@ -264,7 +274,7 @@ def assert_rounded_once(got: dict[str, torch.Tensor], oracle: dict[str, torch.Te
 
 def run_case(case: Case, root: Path, tmp: Path) -> None:
     base = base_model(root, case.arch, tied=case.tied)
-    adapter = make_adapter(tmp / "adapter", base, case)
+    adapter = make_adapter(tmp / "adapter", base, case, seed=zlib.crc32(case.id.encode()))  # random per case
     oracle = peft_oracle(base, adapter, tmp / "oracle", resize=case.resize, untie=one_sided_tied_lora(case))
     out32 = rlexport.export(adapter, tmp / "f32", dtype="float32").out
     got = load_folder(out32)
@@ -315,7 +325,3 @@ def test_every_architecture_and_variant_is_covered():
         assert all((a, v) in covered for a in ARCHS), v
     assert all((a, "lora_bias") in covered for a in BIASED) and all((a, "moe_experts") in covered for a in MOE)
 
-
-def copy_tree(src: Path, dst: Path) -> Path:
-    shutil.copytree(src, dst)
-    return dst

@@ -5,7 +5,6 @@ Each broken export is a copy of a good one with one edit, the way a hand-made ex
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -22,18 +21,48 @@ from rlexport.cli import cli
 from rlexport.verify import verify
 
 SCHEMA = json.loads((Path(__file__).resolve().parents[1] / "docs" / "verify.schema.json").read_text())
-HAS_HEADS = importlib.util.find_spec("rlexport.heads") is not None
-NO_HEADS = pytest.mark.skipif(not HAS_HEADS, reason="--target value export (rlexport.heads) not available yet")
-# (fixture case, export target): every target every fixture offers
-TARGETS = [("lf_ppo_lora_qwen2", "policy"), ("lf_ppo_full_qwen2", "policy"), ("lf_ppo_lora_qwen2", "value"),
-           ("lf_ppo_full_qwen2", "value"), ("lf_rm_lora_qwen2", "value")]
+# Fixture cases without a base/ folder were trained on this one (their MANIFEST.md says so).
+SHARED_BASE = FIXTURES / "lf_ppo_full_qwen2" / "base"
 
 
-def _marks(target: str):
-    return [NO_HEADS] if target == "value" else []
+def inputs(case: str) -> tuple[Path, Path | None]:
+    """(checkpoint, --base) of a fixture case; --base only where the case does not carry its base."""
+    exp = json.loads((FIXTURES / case / "expected.json").read_text())
+    return FIXTURES / case / exp.get("input", "ckpt"), None if (FIXTURES / case / "base").is_dir() else SHARED_BASE
 
 
-EXPORTS = [pytest.param(c, t, marks=_marks(t), id=f"{c}-{t}") for c, t in TARGETS]
+def base_weights(case: str) -> Path:
+    base = inputs(case)[1] or FIXTURES / case / "base"
+    return base / "model.safetensors"
+
+
+def _readable(case: str) -> str:
+    from rlexport.errors import RlexportError
+    from rlexport.formats import detect
+    try:
+        detect(inputs(case)[0])
+    except RlexportError as e:
+        return f"no reader for this checkpoint yet ({e.code})"
+    return ""
+
+
+def _cases() -> list[tuple[str, str]]:
+    """(case, target) for every target of every fixture case in the repo (expected.json's targets)."""
+    out = []
+    for exp in sorted(FIXTURES.glob("*/expected.json")):
+        out += [(exp.parent.name, t) for t in json.loads(exp.read_text())["targets"]]
+    return out
+
+
+TARGETS = _cases()
+
+
+def _marks(case: str):
+    why = _readable(case)
+    return [pytest.mark.skip(reason=why)] if why else []
+
+
+EXPORTS = [pytest.param(c, t, marks=_marks(c), id=f"{c}-{t}") for c, t in TARGETS]
 
 
 @pytest.fixture(scope="session")
@@ -44,10 +73,16 @@ def exported(tmp_path_factory):
     def get(case: str, target: str) -> Path:
         if (case, target) not in made:
             out = root / f"{case}-{target}"
-            rlexport.export(FIXTURES / case / "ckpt", out, target=target)
+            ckpt, base = inputs(case)
+            rlexport.export(ckpt, out, base=base, target=target)
             made[case, target] = out
         return made[case, target]
     return get
+
+
+def against(case: str) -> dict:
+    ckpt, base = inputs(case)
+    return {"against": ckpt, "base": base}
 
 
 @pytest.fixture(autouse=True)
@@ -62,7 +97,7 @@ def _one_thread():
 def broken_copy(exported, tmp_path, case, target, brk) -> Path:
     out = tmp_path / f"{case}-{target}-{brk}"
     shutil.copytree(exported(case, target), out)
-    BREAKS[brk][0](out, FIXTURES / case)
+    BREAKS[brk][0](out, case)
     return out
 
 
@@ -88,32 +123,37 @@ def _save(folder: Path, sd: dict[str, torch.Tensor]) -> None:
         {"metadata": {"total_size": sum(t.nbytes for t in sd.values())}, "weight_map": {k: name for k in sd}}))
 
 
-def unmerged_adapter(folder: Path, case: Path) -> None:
+def unmerged_adapter(folder: Path, case: str) -> None:
     """The base's weights where the trained ones belong: the merge (or the full weights) never made it in."""
-    base = load_file(case / "base" / "model.safetensors")
+    base = load_file(base_weights(case))
     _save(folder, {k: base[k].to(v.dtype) if k in base else v for k, v in _load(folder).items()})
 
 
-def v_head_left_in(folder: Path, case: Path) -> None:
+def v_head_left_in(folder: Path, case: str) -> None:
     sd = _load(folder)
-    dtype = sd["model.embed_tokens.weight"].dtype
-    _save(folder, {**sd, **{k: v.to(dtype) for k, v in load_file(case / "ckpt" / "value_head.safetensors").items()}})
+    emb = sd["model.embed_tokens.weight"]
+    g = torch.Generator().manual_seed(0)
+    head = {"v_head.summary.weight": torch.randn(1, emb.shape[1], generator=g), "v_head.summary.bias": torch.ones(1)}
+    _save(folder, {**sd, **{k: v.to(emb.dtype) for k, v in head.items()}})
 
 
-def bias_dropped(folder: Path, case: Path) -> None:
+def bias_dropped(folder: Path, case: str) -> None:
     sd = _load(folder)
     del sd["model.layers.0.self_attn.q_proj.bias"]
     _save(folder, sd)
 
 
-def wrong_eos(folder: Path, case: Path) -> None:
-    """generation_config back to the pretraining eos: chat turns end with <|im_end|> (2), never stopped on."""
+def wrong_eos(folder: Path, case: str) -> None:
+    """generation_config with another eos than the model's (for the qwen-template cases: back to the pretraining
+    <|endoftext|> (0) while turns end with <|im_end|> (2))."""
+    from transformers import AutoTokenizer
+    eos = AutoTokenizer.from_pretrained(folder).eos_token_id
     gen = json.loads((folder / "generation_config.json").read_text())
-    gen["eos_token_id"] = 0
+    gen["eos_token_id"] = 0 if eos != 0 else 1
     (folder / "generation_config.json").write_text(json.dumps(gen))
 
 
-def other_vocab(folder: Path, case: Path) -> None:
+def other_vocab(folder: Path, case: str) -> None:
     """A tokenizer of another vocabulary of the same size: every non-special id means another piece."""
     tj = json.loads((folder / "tokenizer.json").read_text())
     vocab = tj["model"]["vocab"]
@@ -123,13 +163,13 @@ def other_vocab(folder: Path, case: Path) -> None:
     (folder / "tokenizer.json").write_text(json.dumps(tj))
 
 
-def layer_swapped(folder: Path, case: Path) -> None:
+def layer_swapped(folder: Path, case: str) -> None:
     def swap(k: str) -> str:
         return k.replace("layers.0.", "layers.@.").replace("layers.1.", "layers.0.").replace("layers.@.", "layers.1.")
     _save(folder, {swap(k): v for k, v in _load(folder).items()})
 
 
-def fp16_passage(folder: Path, case: Path) -> None:
+def fp16_passage(folder: Path, case: str) -> None:
     """bfloat16 weights cast to float16 and back: the classic `.half()` somewhere in the pipeline."""
     _save(folder, {k: v.to(torch.float16).to(v.dtype) if v.is_floating_point() else v
                    for k, v in _load(folder).items()})
@@ -145,14 +185,14 @@ BREAKS = {
     "layer-swapped": (layer_swapped, "weights", "weights"),
     "fp16-passage": (fp16_passage, "values", "values"),
 }
-BROKEN = [pytest.param(case, target, brk, marks=_marks(target), id=f"{case}-{target}-{brk}")
+BROKEN = [pytest.param(case, target, brk, marks=_marks(case), id=f"{case}-{target}-{brk}")
           for case, target in TARGETS for brk in BREAKS if BREAKS[brk][1 if target == "policy" else 2]]
 
 
 # --- the export of every fixture passes; each break fails the right check --------------------------------------------
 @pytest.mark.parametrize("case, target", EXPORTS)
 def test_export_passes(exported, case, target):
-    report = verify(exported(case, target), against=FIXTURES / case / "ckpt", engine="none")
+    report = verify(exported(case, target), **against(case), engine="none")
     ok_report(report)
     ran = {c.name for c in report.checks if c.status == "pass"}
     numbers = {"weights", "logprobs", "greedy"} if target == "policy" else {"weights", "scores"}
@@ -163,7 +203,7 @@ def test_export_passes(exported, case, target):
 @pytest.mark.parametrize("case, target, brk", BROKEN)
 def test_broken_export_fails(exported, tmp_path, case, target, brk):
     folder = broken_copy(exported, tmp_path, case, target, brk)
-    report = verify(folder, against=FIXTURES / case / "ckpt", engine="none")
+    report = verify(folder, **against(case), engine="none")
     want = BREAKS[brk][1 if target == "policy" else 2]
     assert not report.ok and want in report.failed(), report.failed()
     assert report.check(want).details or report.check(want).summary
@@ -191,10 +231,13 @@ def test_structure_alone_catches_what_it_can(exported, tmp_path):
     assert verify(folder, engine="none").failed() == ["tensor-names"]
     big = tmp_path / "big-vocab"
     shutil.copytree(exported("lf_ppo_lora_qwen2", "policy"), big)
-    tj = json.loads((big / "tokenizer.json").read_text())
-    tj["added_tokens"] += [{"id": 320 + i, "content": f"<|x{i}|>", "single_word": False, "lstrip": False,
-                            "rstrip": False, "normalized": False, "special": True} for i in range(3)]
+    extra = {320 + i: {"content": f"<|x{i}|>", "single_word": False, "lstrip": False, "rstrip": False,
+                       "normalized": False, "special": True} for i in range(3)}
+    tj, tc = (json.loads((big / f).read_text()) for f in ("tokenizer.json", "tokenizer_config.json"))
+    tj["added_tokens"] += [{"id": i, **spec} for i, spec in extra.items()]
+    tc["added_tokens_decoder"].update({str(i): spec for i, spec in extra.items()})
     (big / "tokenizer.json").write_text(json.dumps(tj))
+    (big / "tokenizer_config.json").write_text(json.dumps(tc))
     report = verify(big, engine="none")
     assert "tokenizer" in report.failed() and "323 tokens" in report.check("tokenizer").summary
     left = tmp_path / "adapter-left"
@@ -241,7 +284,7 @@ def test_value_folder_scores(exported, tmp_path, arch):
     assert "scores" in verify(wrong_head, against=ckpt, engine="none").failed()
 
 
-# --- engines, JSON, CLI ------------------------------------------------------------------------------------------------
+# --- engines, JSON, CLI ----------------------------------------------------------------------------------------------
 def test_transformers_engine(exported):
     report = verify(exported("lf_ppo_lora_qwen2", "policy"), against=FIXTURES / "lf_ppo_lora_qwen2" / "ckpt",
                     engine="transformers")
@@ -263,8 +306,9 @@ def test_vllm_engine_result_is_judged(exported, tmp_path, monkeypatch):
     # a run that returns the training-time numbers passes parity
     ref = json.loads((FIXTURES / "lf_ppo_full_qwen2" / "expected.json").read_text())
     good = exported("lf_ppo_full_qwen2", "policy")
-    monkeypatch.setattr(engine, "run_jobs", lambda js: [{"ok": True, "greedy": ref["policy"]["greedy"],
-                                                         "logprobs": [[None] + lp for lp in ref["policy"]["logprobs"]]}])
+    result = {"ok": True, "greedy": ref["policy"]["greedy"],
+              "logprobs": [[None] + lp for lp in ref["policy"]["logprobs"]]}  # the worker's format
+    monkeypatch.setattr(engine, "run_jobs", lambda js: [result])
     report = verify(good, against=FIXTURES / "lf_ppo_full_qwen2" / "ckpt", engine="vllm", prompts=ref["prompts"])
     ok_report(report)
     assert report.check("engine-parity").status == "pass"
@@ -314,3 +358,19 @@ def test_export_verify_flag(tmp_path):
                                    str(tmp_path / "out"), "-q", "--verify", "none"])
     assert res.exit_code == 0, res.output
     assert "OK:" in res.output and "logprobs" in res.output
+
+
+def test_tied_model_folder(tmp_path):
+    """A tied model stores no lm_head (vLLM's rule); one that differs from the embedding is a lost head."""
+    from factories import make_tiny_model
+    folder = make_tiny_model(tmp_path / "tied", tie_word_embeddings=True)
+    report = verify(folder, engine="none")
+    ok_report(report)
+    f = folder / "model.safetensors"
+    sd = load_file(f)
+    sd["lm_head.weight"] = sd["model.embed_tokens.weight"] * 2
+    save_file(sd, f, metadata={"format": "pt"})
+    report = verify(folder, engine="none")
+    assert report.failed() == ["tensor-names"]
+    details = report.check("tensor-names").details
+    assert any("lm_head.weight differs from model.embed_tokens.weight" in d for d in details)

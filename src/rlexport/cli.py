@@ -33,9 +33,14 @@ def cli(ctx: click.Context, debug: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output on stdout.")
 @click.option("--scan/--no-scan", default=None, help="Read every tensor for NaN/Inf and float16 range "
               "(default: only up to 2 GB of weights).")
-def inspect_cmd(ckpt: str, base: str | None, as_json: bool, scan: bool | None) -> None:
+@click.option("--tag", metavar="TAG", help="DeepSpeed: the global_stepN/ checkpoint to read (default: the one "
+              "`latest` names); given, the raw checkpoint is read even beside complete HF weights.")
+def inspect_cmd(ckpt: str, base: str | None, as_json: bool, scan: bool | None, tag: str | None = None) -> None:
     """Say what a checkpoint is, what will break when served, and how to fix it."""
     from .diagnosis import inspect
+    if tag is not None:
+        from .formats.deepspeed import with_tag
+        ckpt = str(with_tag(ckpt, tag))
     report = inspect(ckpt, base=base, scan="auto" if scan is None else scan)
     if as_json:
         click.echo(json.dumps(report, indent=2))
@@ -61,20 +66,25 @@ def inspect_cmd(ckpt: str, base: str | None, as_json: bool, scan: bool | None) -
               help="Then run `rlexport verify OUT --against CKPT [--engine E]`; exit 1 if a check fails.")
 @click.option("--adapter", "adapter_name", metavar="NAME",
               help="Which adapter of a PEFT folder holding several (default: the root's, named `default`).")
+@click.option("--tag", metavar="TAG", help="DeepSpeed: the global_stepN/ checkpoint to read (default: the one "
+              "`latest` names); given, the raw checkpoint is read even beside complete HF weights.")
 def export_cmd(ckpt, out_dir, base, target, dtype, max_shard_size, force, allow_nonfinite, quiet,
-               verify_engine=None, adapter_name=None) -> None:
+               verify_engine=None, adapter_name=None, tag=None) -> None:
     """Merge, clean and cast a checkpoint into a Hugging Face folder, streamed and atomic."""
     from .export import plan, write
     from .formats import open_checkpoint
     from .export import check_out
     from pathlib import Path
     from .formats.peft import select_adapter
+    if tag is not None:
+        from .formats.deepspeed import with_tag
+        ckpt = str(with_tag(ckpt, tag))  # the tag folder itself: read as the raw checkpoint, verified against
     src = open_checkpoint(select_adapter(ckpt, adapter_name), base=base)
     check_out(Path(out_dir), src, force=force)
     p = plan(src, target=target, dtype=dtype, allow_nonfinite=allow_nonfinite)
     total = sum(r.nbytes for r in p.tensors)
     with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
-                  TransferSpeedColumn(), TimeRemainingColumn(), console=err, disable=quiet,
+                  TransferSpeedColumn(), TimeRemainingColumn(), console=err, disable=quiet or not err.is_terminal,
                   transient=True) as bar:
         task = bar.add_task(f"export {target}", total=total)
         report = write(p, Path(out_dir), max_shard_size=max_shard_size, force=force,
@@ -84,7 +94,7 @@ def export_cmd(ckpt, out_dir, base, target, dtype, max_shard_size, force, allow_
                   f"{report.bytes / 1e6:.1f} MB {report.dtype} in {report.shards} shard(s) ({p.dtype_reason})")
         err.print(f"serve it with: {report.serve_hint}")
     if verify_engine is not None:
-        _verify_and_exit(out_dir, against=ckpt, base=base, engine=verify_engine, as_json=False)
+        _verify_and_exit(out_dir, against=src.path, base=base, engine=verify_engine, as_json=False)
 
 
 @cli.command("verify")
@@ -132,6 +142,7 @@ def _catch_signals(received: list[int]) -> dict:
 
     if threading.current_thread() is not threading.main_thread():
         return {}
+    deferred_signals.clear()
     return {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
 
 

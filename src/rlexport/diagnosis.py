@@ -209,7 +209,8 @@ def check_base_shapes(src: Source, facts: Facts) -> list[Finding]:
             if tuple(u.a.shape) != (u.a.shape[0], w.shape[1]) else ("lora_B", u.b.shape, (w.shape[0], u.b.shape[1]))
         key = f"base_model.model.{u.module}.{part}.default.weight"
         return [Finding("base-shape-mismatch", "error", f"{len(wrong)} adapted modules do not fit the base: "
-                        f"{u.target} is {list(w.shape)} in the base, the adapter's delta {[u.b.shape[0], u.a.shape[1]]}",
+                        f"{u.target} is {list(w.shape)} in the base, the adapter's delta "
+                        f"{[u.b.shape[0], u.a.shape[1]]}",
                         f"PEFT: size mismatch for {key}: copying a param with shape {torch.Size(saved)} from "
                         f"checkpoint, the shape in current model is {torch.Size(built)}.",
                         "pass --base with the model the adapter was trained on", str(src.base_dir),
@@ -266,7 +267,8 @@ def check_vocab(src: Source, facts: Facts) -> list[Finding]:
         out.append(Finding("vocab-resized", "warning", f"the embedding has {rows} rows, config.json's vocab_size "
                            f"is {vocab}",
                            f"vLLM: AssertionError in VocabParallelEmbedding.weight_loader (rows != org_vocab_size); "
-                           f"transformers: size mismatch for model.embed_tokens.weight ([{rows}, …] vs [{vocab}, …])",
+                           f"transformers: size mismatch for model.embed_tokens.weight "
+                           f"([{rows}, …] vs [{vocab}, …])",
                            _export_cmd(src) + " (writes vocab_size = embedding rows)"))
     if rows is not None and tok is not None and tok > rows:
         out.append(Finding("tokenizer-exceeds-embedding", "error", f"the tokenizer has {tok} tokens but the "
@@ -382,7 +384,7 @@ def check_pieces(src: Source, facts: Facts) -> list[Finding]:
                                "not part of the policy; exporting it alone would make up a head",
                                "export the reward model from its own RM run folder with --target value",
                                str(p.path)))
-    opt = optimizer_files(src.path)
+    opt = optimizer_files(src)
     if opt:
         out.append(Finding("optimizer-state", "info", f"{len(opt)} optimizer/trainer-state files "
                            f"({sum(f.stat().st_size for f in opt) / 1e6:.1f} MB) beside the weights",
@@ -397,10 +399,14 @@ CHECKS: tuple[Callable[[Source, Facts], list[Finding]], ...] = (
 )
 
 
-def optimizer_files(folder: Path) -> list[Path]:
+def optimizer_files(src: Source) -> list[Path]:
+    """Trainer state beside the weights; a global_stepN/ the weights are read from (DeepSpeed) is not counted."""
+    folder = src.path
+    sources = {Path(r.origin).parent.resolve() for r in src.weights if r.origin}
     out = [folder / n for n in OPTIMIZER_FILES if (folder / n).is_file()]
     for step in sorted(folder.glob("global_step*")):
-        out += sorted(p for p in step.rglob("*") if p.is_file())
+        if step.is_dir() and step.resolve() not in sources:
+            out += sorted(p for p in step.rglob("*") if p.is_file())
     return out
 
 
@@ -435,7 +441,7 @@ def summary(src: Source, facts: Facts | None = None) -> dict:
         groups["adapter"] = _group([t for u in a.updates for t in u.tensors.values()] + list(a.full.values()))
     if src.value_head:
         groups["head"] = _group(src.value_head)
-    opt = optimizer_files(src.path)
+    opt = optimizer_files(src)
     if opt:
         groups["optimizer"] = {"count": None, "bytes": sum(f.stat().st_size for f in opt), "dtypes": {},
                                "files": [str(f.relative_to(src.path)) for f in opt]}

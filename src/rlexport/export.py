@@ -135,14 +135,17 @@ def clean_stale(out: Path) -> list[Path]:
 
 
 def write(p: Plan, out: Path, *, max_shard_size="5GB", force: bool = False,
-          on_bytes: Callable[[int], None] | None = None) -> Report:
+          on_bytes: Callable[[int], None] | None = None, link: str = "auto") -> Report:
+    """`link`: an input shard that comes out unchanged is reflinked where the filesystem can (else copied whole
+    by the kernel) with "auto", hard-linked with "hard" (shares the inode: a later in-place write to the export
+    would change the input too), and streamed like any other with "copy"."""
     out = Path(out)
     check_out(out, p.source, force=force)
     clean_stale(out)
-    shards = plan_shards(list(p.tensors), parse_size(max_shard_size))
+    shards = plan_shards(list(p.tensors), parse_size(max_shard_size), link=link)
     with AtomicFolder(out, force=force) as tmp:
         # one pipeline over all shards: a shard's fsync overlaps the next shard's reads, merges and writes
-        write_shards([(tmp / shard.filename, shard) for shard in shards], on_bytes)
+        write_shards([(tmp / shard.filename, shard) for shard in shards], on_bytes, link=link)
         log.info("wrote %d shard(s), %d tensors", len(shards), len(p.tensors))
         write_index(tmp, shards)
         folder.write_json(tmp / "config.json", p.config)
@@ -160,16 +163,17 @@ def write(p: Plan, out: Path, *, max_shard_size="5GB", force: bool = False,
 def export(ckpt: str | Path, out: str | Path, *, base: str | Path | None = None, target: str = "policy",
            dtype: str = "auto", max_shard_size: str | int = "5GB", force: bool = False,
            allow_nonfinite: bool = False, on_bytes: Callable[[int], None] | None = None,
-           adapter: str | None = None) -> Report:
+           adapter: str | None = None, link: str = "auto", tag: str | None = None) -> Report:
     """Export a training checkpoint to a Hugging Face folder vLLM serves. Mirrors `rlexport export`.
 
     Example:
         >>> rlexport.export("saves/ppo", "out/policy", dtype="bfloat16")  # doctest: +SKIP
 
-    `adapter` picks one adapter of a PEFT folder holding several (`default` is the root's).
+    `adapter` picks one adapter of a PEFT folder holding several (`default` is the root's); `tag` one DeepSpeed
+    checkpoint (`global_stepN/`) of a folder holding several, instead of `latest` (or of complete HF weights).
     """
     from .formats.peft import select_adapter
-    src = open_checkpoint(select_adapter(ckpt, adapter), base=base)
+    src = open_checkpoint(select_adapter(ckpt, adapter), base=base, tag=tag)
     check_out(Path(out), src, force=force)
     return write(plan(src, target=target, dtype=dtype, allow_nonfinite=allow_nonfinite), Path(out),
-                 max_shard_size=max_shard_size, force=force, on_bytes=on_bytes)
+                 max_shard_size=max_shard_size, force=force, on_bytes=on_bytes, link=link)

@@ -65,7 +65,7 @@ def render_inspect(console: Console, report: dict) -> None:
         return
     t = Table(title=f"{len(findings)} finding(s)", show_lines=True, expand=True)
     t.add_column("finding", no_wrap=True)
-    t.add_column("what it is, what vLLM / transformers do with it, the fix", overflow="fold", ratio=1)
+    t.add_column("what it is · what engines do with it · the fix", overflow="fold", ratio=1)
     for f in findings:
         sev = f["severity"]
         body = _short(f["message"])
@@ -78,9 +78,10 @@ def render_inspect(console: Console, report: dict) -> None:
 
 
 def render_verify(console: Console, report: dict) -> None:
-    against = f" against {_short(report['against'])}" if report.get("against") else ""
-    console.print(f"[bold]verify[/] {_short(report['path'])}{against}: {report.get('architecture') or '?'} "
-                  f"({report.get('target') or '?'}, {report.get('dtype') or '?'}), engine {report['engine']}")
+    console.print(f"[bold]verify[/] {_short(report['path'])}: {report.get('architecture') or '?'} "
+                  f"({report.get('target') or '?'}, {report.get('dtype') or '?'})")
+    against = f"against {_short(report['against'])}" if report.get("against") else "no --against: numbers skipped"
+    console.print(f"{against}; engine {report['engine']}")
     t = Table(show_lines=False, expand=True)
     t.add_column("check", no_wrap=True)
     t.add_column("stage", no_wrap=True, style="dim")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -73,6 +74,12 @@ class Rows:
     def rows(self, start: int, stop: int, scratch: Scratch) -> torch.Tensor:
         raise NotImplementedError
 
+    def prefetch(self, start: int, stop: int) -> None:
+        """Ask the OS to start reading what rows [start, stop) will need (wrappers pass it to `inner`)."""
+        inner = getattr(self, "inner", None)
+        if isinstance(inner, Rows):
+            inner.prefetch(start, stop)
+
     def close(self) -> None:
         pass
 
@@ -87,6 +94,11 @@ class StreamLoader:
     @property
     def byte_range(self) -> tuple[Path, int, int] | None:
         """(file, offset, nbytes) when the output bytes are stored verbatim in a file and need no check."""
+        return None
+
+    @property
+    def stored(self) -> "Stored | None":
+        """Where the output bytes are stored verbatim, with the checks they must still pass (or None)."""
         return None
 
     def open(self) -> Rows:
@@ -118,9 +130,10 @@ class FileSlice(StreamLoader):
     """A tensor stored contiguously at `offset` in `path` (a safetensors data section)."""
 
     def __init__(self, path: Path | str, offset: int, dtype: torch.dtype, shape: tuple[int, ...],
-                 on_error: Callable[[OSError], Exception] | None = None):
+                 on_error: Callable[[OSError], Exception] | None = None, name: str | None = None):
         self.path, self.offset, self.dtype, self.shape = Path(path), offset, dtype, tuple(shape)
         self.on_error = on_error
+        self.name = name  # the tensor's name in the file
 
     @property
     def nbytes(self) -> int:
@@ -129,6 +142,10 @@ class FileSlice(StreamLoader):
     @property
     def byte_range(self) -> tuple[Path, int, int]:
         return self.path, self.offset, self.nbytes
+
+    @property
+    def stored(self) -> "Stored":
+        return Stored(self, ())
 
     def open(self) -> Rows:
         try:
@@ -146,6 +163,16 @@ class _FileRows(Rows):
         self.fd = os.open(spec.path, os.O_RDONLY | os.O_CLOEXEC)
         self.row_bytes = row_numel(spec.shape) * spec.dtype.itemsize
 
+    def prefetch(self, start: int, stop: int) -> None:
+        # Several threads read blocks of one tensor through this fd, out of order: the kernel's sequential
+        # readahead gives up on that pattern, so each block's whole range is requested up front instead.
+        if hasattr(os, "posix_fadvise") and self.fd is not None:
+            try:
+                os.posix_fadvise(self.fd, self.spec.offset + start * self.row_bytes, (stop - start) * self.row_bytes,
+                                 os.POSIX_FADV_WILLNEED)
+            except OSError:
+                pass
+
     def rows(self, start: int, stop: int, scratch: Scratch) -> torch.Tensor:
         spec = self.spec
         out = scratch.take(spec.dtype, block_shape(spec.shape, start, stop))
@@ -159,6 +186,14 @@ class _FileRows(Rows):
         if self.fd is not None:
             fd, self.fd = self.fd, None
             os.close(fd)
+
+
+@dataclass(frozen=True)
+class Stored:
+    """An output tensor whose bytes are `file`'s bytes: copied (or the whole file linked) after `checks`."""
+
+    file: FileSlice
+    checks: tuple[Callable[[torch.Tensor], None], ...]
 
 
 # ---- transforms ----
@@ -238,6 +273,15 @@ class Cast(StreamLoader):
         if self.check is None and isinstance(self.inner, StreamLoader) and self.inner.dtype == self.dtype:
             return self.inner.byte_range
         return None
+
+    @property
+    def stored(self) -> "Stored | None":
+        if not isinstance(self.inner, StreamLoader) or self.inner.dtype != self.dtype:
+            return None
+        inner = self.inner.stored
+        if inner is None or self.check is None:
+            return inner
+        return Stored(inner.file, (*inner.checks, self.check))
 
     def open(self) -> Rows:
         return _CastRows(self)

@@ -1,8 +1,8 @@
 """verify(): prove an exported folder is right. Backs `rlexport verify` and `rlexport export --verify`.
 
 Three stages, each a list of named checks (verify_report.CHECK_NAMES) with pass / fail / skip:
-  structure  (verify_structure)  files, architecture, every tensor against the meta-device model, dtype, values,
-                                 tokenizer, generation config, EOS, chat template
+  structure  (verify_structure,  files, architecture, every tensor against the meta-device model, dtype, values;
+              verify_tokens)     tokenizer, generation config, EOS, chat template
   numbers    (verify_numbers)    with --against: the training-time model rebuilt with transformers/PEFT; weights,
                                  prompt logprobs, greedy tokens, head scores, with dtype-dependent tolerances
   engine     (verify_engine)     the folder in vLLM (subprocess) or transformers: loads, and agrees
@@ -19,10 +19,20 @@ from .verify_engine import engine_stage, resolve_engine
 from .verify_numbers import Numbers, compare_greedy, compare_logprobs, compare_scores, compare_weights, \
     export_numbers, make_prompts, reference
 from .verify_report import CHECK_NAMES, SCHEMA, Check, VerifyReport, failed, skipped
-from .verify_structure import Folder, structure
+from . import verify_structure, verify_tokens
+from .verify_structure import Folder
 
 N = "numbers"
 __all__ = ["verify", "VerifyReport", "Check", "CHECK_NAMES", "SCHEMA"]
+
+
+STRUCTURE = verify_structure.CHECKS + verify_tokens.CHECKS
+
+
+def structure(path: Path, source) -> tuple[list[Check], Folder]:
+    """The structure stage: every check in order, each reading what the earlier ones put in the Folder."""
+    folder = Folder(Path(path))
+    return [check(folder, source) for check in STRUCTURE], folder
 
 
 def _require(*packages: str) -> None:

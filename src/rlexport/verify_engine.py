@@ -57,9 +57,9 @@ def vllm_checks(folder: Folder, result: dict, ref: Numbers | None, what_ref: str
         lp = compare_logprobs(ref, got, folder.dtype, name="engine-parity", stage=E, what="vLLM")
         gr = compare_greedy(ref, got, folder.dtype, name="engine-parity", stage=E, what="vLLM")
         c = lp if lp.status == "fail" else gr if gr.status == "fail" else passed(
-            "engine-parity", E, f"vLLM vs {what_ref}: {lp.summary}; {gr.summary}", metrics={**lp.metrics,
-                                                                                            **gr.metrics})
-    c.summary = c.summary if c.status == "pass" else f"vLLM vs {what_ref}: {c.summary}"
+            "engine-parity", E, f"vLLM vs {what_ref}: {lp.summary}; {gr.summary}", **lp.metrics, **gr.metrics)
+    if not c.summary.startswith("vLLM vs"):
+        c.summary = f"vLLM vs {what_ref}: {c.summary}"
     return [load, c]
 
 

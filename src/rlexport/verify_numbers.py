@@ -11,6 +11,7 @@ scores from its own `score.*` tensors (whatever the head class), and `reference(
 from __future__ import annotations
 
 import math
+import re
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +19,6 @@ from pathlib import Path
 import torch
 
 from .formats import Source
-from .formats.files import safetensors_refs
 from .tensors import FLOATS, TensorRef, dtype_name
 from .transforms import clean_name
 from .verify_report import Check, failed, passed, skipped
@@ -313,6 +313,25 @@ def _ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.clamp(torch.ldexp(torch.ones_like(x), e - 1 - MANTISSA[dtype]), min=smallest)
 
 
+def _beyond(got: torch.Tensor, want: torch.Tensor) -> tuple[int, float]:
+    """(elements farther than the allowed ulps from `want` rounded to got's dtype, max |Δ|)."""
+    expect = want.to(got.dtype).float()
+    diff = (got.float() - expect).abs()
+    return int((diff > ULPS.get(got.dtype, 1) * _ulp(expect, got.dtype)).sum()), float(diff.max())
+
+
+def _lookalike(name: str, got: torch.Tensor, ref_state: dict[str, torch.Tensor]) -> str | None:
+    """The same tensor of another layer, when the exported one equals it (layers swapped or shifted)."""
+    m = re.search(r"\.(\d+)\.", name)
+    if m is None:
+        return None
+    for other, want in ref_state.items():
+        if other != name and re.sub(r"\.\d+\.", ".#.", other, count=1) == re.sub(r"\.\d+\.", ".#.", name, count=1) \
+                and tuple(want.shape) == tuple(got.shape) and _beyond(got, want)[0] == 0:
+            return other
+    return None
+
+
 def compare_weights(ref_state: dict[str, torch.Tensor] | None, refs: dict[str, TensorRef],
                     dtype: torch.dtype | None) -> Check:
     """Every exported tensor against the reference's merged weights rounded once to the export dtype."""
@@ -328,15 +347,13 @@ def compare_weights(ref_state: dict[str, torch.Tensor] | None, refs: dict[str, T
         if tuple(got.shape) != tuple(want.shape):
             bad.append((name, got.numel(), math.inf))
             continue
-        expect = want.to(got.dtype).float()
-        diff = (got.float() - expect).abs()
-        over = diff > ULPS.get(got.dtype, 1) * _ulp(expect, got.dtype)
-        if bool(over.any()):
-            bad.append((name, int(over.sum()), float(diff.max())))
+        over, dmax = _beyond(got, want)
+        if over:
+            bad.append((name, over, dmax, _lookalike(name, got, ref_state)))
     metrics = dict(compared=compared, differing=len(bad), ulps=ULPS.get(dtype, 1))
     if bad:
         return failed("weights", N, f"{len(bad)} of {compared} tensors differ from the reference's merged weights",
-                      [f"{n}: {k} elements beyond {ULPS.get(dtype, 1)} ulp (max |Δ| {m:.3g})" for n, k, m in bad[:6]],
-                      **metrics)
+                      [f"{n}: {k} elements beyond {ULPS.get(dtype, 1)} ulp (max |Δ| {m:.3g})" +
+                       (f"; it is the reference's {like}" if like else "") for n, k, m, like in bad[:6]], **metrics)
     return passed("weights", N, f"{compared} tensors equal the reference rounded to {dtype_name(dtype)} "
                   f"(<= {ULPS.get(dtype, 1)} ulp)" if dtype else f"{compared} tensors equal", **metrics)

@@ -43,29 +43,89 @@ log = logging.getLogger("rlexport")
 class Shard:
     filename: str
     refs: tuple[TensorRef, ...]
+    source: Path | None = None  # an input file holding exactly these tensors, unchanged: linked or copied whole
 
     @property
     def nbytes(self) -> int:
         return sum(r.nbytes for r in self.refs)
 
 
-def plan_shards(refs: list[TensorRef], max_shard_bytes: int) -> list[Shard]:
-    """Split in order; a new shard starts when the next tensor would cross the limit (never empty)."""
+LINK_MODES = ("auto", "hard", "copy")
+
+
+def plan_shards(refs: list[TensorRef], max_shard_bytes: int, *, link: str = "copy") -> list[Shard]:
+    """Split in order; a new shard starts when the next tensor would cross the limit (never empty).
+
+    Unless link="copy", a run of tensors that is exactly an input file's tensors, unchanged (same names, dtypes,
+    shapes, bytes), becomes a shard of its own that the writer reflinks, hard-links (link="hard") or copies whole
+    instead of streaming it tensor by tensor.
+    """
+    if link not in LINK_MODES:
+        raise ValueError(f"link must be one of {LINK_MODES}")
     names = set()
-    groups: list[list[TensorRef]] = [[]]
-    size = 0
     for ref in refs:
         if ref.name in names:
             raise RlexportError("duplicate-tensor", f"two tensors would be written as '{ref.name}'",
                                 file=ref.origin, hint="the checkpoint holds the same weight twice; remove one")
         names.add(ref.name)
-        if groups[-1] and size + ref.nbytes > max_shard_bytes:
-            groups.append([])
+    groups: list[tuple[list[TensorRef], Path | None]] = []
+    size = 0
+    i = 0
+    while i < len(refs):
+        n, source = _whole_file_run(refs, i, max_shard_bytes) if link != "copy" else (0, None)
+        if n:
+            groups.append((list(refs[i:i + n]), source))
+            i += n
+            continue
+        ref = refs[i]
+        if not groups or groups[-1][1] is not None or (groups[-1][0] and size + ref.nbytes > max_shard_bytes):
+            groups.append(([], None))
             size = 0
-        groups[-1].append(ref)
+        groups[-1][0].append(ref)
         size += ref.nbytes
+        i += 1
+    if not groups:
+        groups = [([], None)]
     n = len(groups)
-    return [Shard(f"model-{i + 1:05d}-of-{n:05d}.safetensors", tuple(g)) for i, g in enumerate(groups)]
+    return [Shard(f"model-{i + 1:05d}-of-{n:05d}.safetensors", tuple(g), src) for i, (g, src) in enumerate(groups)]
+
+
+def _stored(ref: TensorRef):
+    st = ref.load.stored if isinstance(ref.load, StreamLoader) else None
+    if st is None or st.file.name != ref.name or st.file.dtype != ref.dtype or \
+            tuple(st.file.shape) != tuple(ref.shape):
+        return None
+    return st
+
+
+def _file_tensors(path: Path) -> set[str] | None:
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(n))
+    except (OSError, ValueError, struct.error):
+        return None
+    return {k for k in header if k != "__metadata__"}
+
+
+def _whole_file_run(refs: list[TensorRef], i: int, max_shard_bytes: int) -> tuple[int, Path | None]:
+    first = _stored(refs[i])
+    if first is None:
+        return 0, None
+    path = first.file.path
+    names = _file_tensors(path)
+    if not names:
+        return 0, None
+    j, size = i, 0
+    while j < len(refs) and j - i < len(names):
+        st = _stored(refs[j])
+        if st is None or st.file.path != path:
+            break
+        size += refs[j].nbytes
+        j += 1
+    if {r.name for r in refs[i:j]} != names or size > max_shard_bytes:
+        return 0, None
+    return j - i, path
 
 
 def _header(refs: tuple[TensorRef, ...]) -> bytes:
@@ -92,7 +152,8 @@ def _bytes_of(t: torch.Tensor, ref: TensorRef) -> memoryview:
 # different blocks overlap (torch and the os calls release the GIL). At most `workers + 2` jobs are in flight:
 # memory is bounded by workers x (largest block and its float32 intermediate), whatever the model size.
 BLOCK_BYTES = 16 << 20
-SUB_BLOCK_BYTES = 384 << 10  # output bytes per compute step: with its float32 intermediates, fits a 1 MiB L2
+SUB_BLOCK_BYTES = 768 << 10  # output bytes per compute step: its float32 intermediates stay in cache (L2/L3)
+SUB_MIN_ROWS = 16            # fewer rows make short, slow matrix products (and lora.streamed.MIN_ROWS widens them)
 COPY_BYTES = 64 << 20     # byte-range copies (copy_file_range) need no buffer: bigger steps
 _SYNC_FILE_RANGE_WRITE = 2
 
@@ -193,6 +254,103 @@ class _Out:
             os.close(fd)
 
 
+class _Placed:
+    """A shard that is an input file unchanged: hard-linked (link="hard"), reflinked, or copied whole by the
+    kernel; its tensors' checks (NaN/Inf) still read every byte."""
+
+    def __init__(self, path: Path, shard: Shard, link: str):
+        self.path, self.shard, self.fd = path, shard, None
+        self.how = None
+        if link == "hard":
+            try:
+                os.link(shard.source, path)
+                self.how = "hard link"
+            except OSError:
+                pass
+        if self.how is None:
+            self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+            if _reflink(shard.source, self.fd):
+                self.how = "reflink"
+        self.size = os.stat(shard.source).st_size
+        log.info("%s: %s of %s", path.name, self.how or "copy", shard.source)
+
+    @property
+    def copies(self) -> bool:
+        return self.how is None
+
+    def finish(self) -> None:
+        if self.fd is not None:
+            os.fsync(self.fd)
+        self.close()
+
+    def close(self) -> None:
+        if self.fd is not None:
+            fd, self.fd = self.fd, None
+            os.close(fd)
+
+
+def _reflink(src: Path, dst_fd: int) -> bool:
+    if fcntl is None:
+        return False
+    try:
+        sfd = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        fcntl.ioctl(dst_fd, 0x40049409, sfd)  # FICLONE: share the extents, copy on write (btrfs, xfs, ...)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(sfd)
+
+
+def _placed_jobs(out: _Placed, local: threading.local):
+    data = out.shard.nbytes
+    header = out.size - data
+    if out.copies:
+        for i in range(0, out.size, COPY_BYTES):
+            n = min(COPY_BYTES, out.size - i)
+            reported = max(0, min(i + n, out.size) - max(i, header))  # progress counts tensor bytes only
+            yield partial(_copy_job, out.shard.source, i, out, i, n, reported), reported
+    for ref in out.shard.refs:
+        st = _stored(ref)
+        if st is None:
+            raise AssertionError(f"{ref.name}: planned as an unchanged tensor of {out.shard.source}")
+        if not st.checks or not ref.numel:
+            if not out.copies:
+                yield partial(_count, ref.nbytes), ref.nbytes
+            continue
+        row_bytes = row_numel(ref.shape) * ref.dtype.itemsize
+        step = max(1, BLOCK_BYTES // max(1, row_bytes))
+        total = n_rows(ref.shape)
+        opened = _Opened(st.file, -(-total // step))
+        for s in range(0, total, step):
+            e = min(total, s + step)
+            n = (e - s) * row_bytes
+            yield partial(_verify_job, opened, st.checks, s, e, 0 if out.copies else n, local), n
+
+
+def _count(n: int) -> int:
+    return n
+
+
+def _verify_job(opened: _Opened, checks, start: int, stop: int, reported: int, local: threading.local) -> int:
+    scratch = getattr(local, "scratch", None)
+    if scratch is None:
+        scratch = local.scratch = Scratch()
+    scratch.reset()
+    try:
+        rows = opened.get()
+        rows.prefetch(start, stop)
+        t = rows.rows(start, stop, scratch)
+        for check in checks:
+            check(t)
+    finally:
+        opened.done()
+    return reported
+
+
 def _jobs(out: _Out, local: threading.local):
     """(callable, nbytes) for every block of the shard, in file order."""
     offset = out.data_start
@@ -210,24 +368,34 @@ def _jobs(out: _Out, local: threading.local):
                 yield partial(_copy_job, src, src_off + i, out, offset + i, n), n
         elif isinstance(load, StreamLoader) and load.streamable and ref.numel:
             row_bytes = row_numel(ref.shape) * ref.dtype.itemsize
-            step = max(1, BLOCK_BYTES // max(1, row_bytes))
-            total = n_rows(ref.shape)
-            opened = _Opened(load, -(-total // step))
-            for s in range(0, total, step):
-                e = min(total, s + step)
-                yield partial(_rows_job, ref, opened, s, e, out, offset + s * row_bytes, local), (e - s) * row_bytes
+            subs = _sub_blocks(n_rows(ref.shape), row_bytes)
+            per_job = max(1, BLOCK_BYTES // max(1, (subs[0][1] - subs[0][0]) * row_bytes))
+            groups = [subs[i:i + per_job] for i in range(0, len(subs), per_job)]
+            opened = _Opened(load, len(groups))
+            for g in groups:
+                s, e = g[0][0], g[-1][1]
+                yield partial(_rows_job, ref, opened, g, out, offset + s * row_bytes, local), (e - s) * row_bytes
         else:
             yield partial(_whole_job, ref, out, offset), ref.nbytes
         offset += ref.nbytes
 
 
-def _copy_job(src: Path, src_off: int, out: _Out, dst_off: int, n: int) -> int:
+def _copy_job(src: Path, src_off: int, out, dst_off: int, n: int, reported: int | None = None) -> int:
     _copy_range(src, src_off, out.fd, dst_off, n)
     _start_writeback(out.fd, dst_off, n)
-    return n
+    return n if reported is None else reported
 
 
-def _rows_job(ref: TensorRef, opened: _Opened, start: int, stop: int, out: _Out, dst_off: int,
+def _sub_blocks(total: int, row_bytes: int) -> list[tuple[int, int]]:
+    """Row ranges of ~SUB_BLOCK_BYTES, never shorter than SUB_MIN_ROWS (a short tail joins the range before)."""
+    step = max(SUB_MIN_ROWS, SUB_BLOCK_BYTES // max(1, row_bytes))
+    out = [(s, min(total, s + step)) for s in range(0, total, step)]
+    if len(out) > 1 and out[-1][1] - out[-1][0] < SUB_MIN_ROWS:
+        out[-2:] = [(out[-2][0], out[-1][1])]
+    return out
+
+
+def _rows_job(ref: TensorRef, opened: _Opened, subs: list[tuple[int, int]], out: _Out, dst_off: int,
               local: threading.local) -> int:
     """One block, computed in sub-blocks small enough that every stage (read, convert, merge, check, cast) works
     in the core's cache: streaming whole 16 MB blocks through each stage in turn is memory-bound and ~2x slower."""
@@ -236,11 +404,9 @@ def _rows_job(ref: TensorRef, opened: _Opened, start: int, stop: int, out: _Out,
         scratch = local.scratch = Scratch()
     try:
         rows = opened.get()
-        row_bytes = row_numel(ref.shape) * ref.dtype.itemsize
-        step = max(1, SUB_BLOCK_BYTES // max(1, row_bytes))
+        rows.prefetch(subs[0][0], subs[-1][1])
         off = dst_off
-        for s in range(start, stop, step):
-            e = min(stop, s + step)
+        for s, e in subs:
             scratch.reset()
             t = rows.rows(s, e, scratch)
             if t.dtype != ref.dtype or tuple(t.shape) != block_shape(ref.shape, s, e):
@@ -274,35 +440,54 @@ def _one_torch_thread_each():
 
 
 def write_shards(items: list[tuple[Path, Shard]], on_bytes: Callable[[int], None] | None = None, *,
-                 workers: int | None = None) -> None:
+                 workers: int | None = None, link: str = "auto") -> None:
     """Write the shards (path, Shard) with a bounded pipeline of threads; each file is fsynced once, when its
-    last block is written (while the next shard's blocks go on). `on_bytes` is called from this thread."""
+    last block is written (while the next shard's blocks go on). `on_bytes` is called from this thread.
+    Shards planned from a whole input file (Shard.source) are reflinked, hard-linked (link="hard") or copied."""
     workers = max(1, workers or default_workers())
     window = workers + 2
     local = threading.local()
-    outs: list[_Out] = []
+    outs: list = []
     with _one_torch_thread_each(), ThreadPoolExecutor(workers, thread_name_prefix="rlexport-write") as pool:
-        inflight: deque = deque()
+        inflight: deque = deque()  # (future, the shard it completes or None), in submission order
         finishing: list[Future] = []
+
+        def settle() -> None:
+            fut, last_of = inflight.popleft()
+            n = fut.result()
+            if on_bytes and n:
+                on_bytes(n)
+            if last_of is not None:  # every block of that shard is written: fsync it, off this thread
+                finishing.append(pool.submit(last_of.finish))
+
         try:
             for path, shard in items:
-                out = _Out(path, shard)
+                if shard.source is not None and link != "copy":
+                    out = _Placed(path, shard, link)
+                    jobs = _placed_jobs(out, local)
+                else:
+                    out = _Out(path, shard)
+                    jobs = _jobs(out, local)
                 outs.append(out)
-                jobs = _jobs(out, local)
+                pending = None
                 for job, _ in jobs:
+                    if pending is not None:
+                        inflight.append((pool.submit(pending), None))
+                    pending = job
                     while len(inflight) >= window:
-                        _settle(inflight.popleft(), on_bytes)
-                    inflight.append(pool.submit(job))
-                # every block of this shard is queued; fsync it once the last one is written
-                while inflight:
-                    _settle(inflight.popleft(), on_bytes)
-                finishing.append(pool.submit(out.finish))
+                        settle()
+                if pending is not None:
+                    inflight.append((pool.submit(pending), out))
+                else:
+                    finishing.append(pool.submit(out.finish))
+            while inflight:
+                settle()
             for f in finishing:
                 f.result()
         except BaseException:
-            for f in inflight:
+            for f, _ in inflight:
                 f.cancel()
-            for f in [*inflight, *finishing]:
+            for f in [*(f for f, _ in inflight), *finishing]:
                 try:
                     f.result()
                 except BaseException:
@@ -311,12 +496,6 @@ def write_shards(items: list[tuple[Path, Shard]], on_bytes: Callable[[int], None
         finally:
             for out in outs:
                 out.close()
-
-
-def _settle(fut: Future, on_bytes: Callable[[int], None] | None) -> None:
-    n = fut.result()
-    if on_bytes:
-        on_bytes(n)
 
 
 def write_shard(path: Path, shard: Shard, on_bytes: Callable[[int], None] | None = None) -> None:
@@ -340,20 +519,25 @@ def fsync_dir(folder: Path) -> None:
 
 # ---- signals: the few steps that must not be cut in half ----
 # The CLI turns SIGINT/SIGTERM into KeyboardInterrupt, except inside these sections, where it only records the
-# signal: the renames of a commit (stopping between them would hide the old export and not show the new one)
-# and the removal of a temporary folder after a failure (an exception is already on its way out).
+# signal: taking the --out lock (replayed right after, so the lock is released on the way out), the renames of
+# a commit (stopping between them would hide the old export and not show the new one; it completes) and the
+# removal of a temporary folder after a failure (an exception is already on its way out).
 _critical = 0
 deferred_signals: list[int] = []
 
 
 @contextmanager
-def uninterruptible():
+def uninterruptible(*, replay: bool = False):
     global _critical
     _critical += 1
     try:
         yield
     finally:
         _critical -= 1
+    if replay and _critical == 0 and deferred_signals:
+        sig = deferred_signals[-1]
+        deferred_signals.clear()
+        os.kill(os.getpid(), sig)  # now outside the section: the CLI's handler raises KeyboardInterrupt
 
 
 def in_uninterruptible() -> bool:
@@ -372,6 +556,15 @@ class OutLock:
         self.fd: int | None = None
 
     def __enter__(self) -> "OutLock":
+        try:
+            with uninterruptible(replay=True):
+                self._acquire()
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def _acquire(self) -> None:
         while True:
             try:
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
@@ -397,10 +590,9 @@ class OutLock:
             except FileNotFoundError:
                 pass
             os.close(fd)  # the holder before us removed the file after we opened it: lock the new one
+        self.fd = fd
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        self.fd = fd
-        return self
 
     def __exit__(self, *exc) -> None:
         if self.fd is not None:

@@ -5,6 +5,7 @@ trained pieces beside them (adapter, value head). Nothing here reads tensor byte
 """
 from __future__ import annotations
 
+import errno
 import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,9 @@ class Format:
 
 # Order matters: the first format whose detect() matches wins (an adapter folder may also hold a config.json).
 FORMATS: tuple[Format, ...] = (
+    # a raw DeepSpeed checkpoint wins only where no complete HF/adapter weights are beside it (or --tag asks)
+    Format("deepspeed", "rlexport.formats.deepspeed", "raw DeepSpeed ZeRO-1/2/3 checkpoint (latest + "
+           "global_stepN/), fp32 weights rebuilt from the optimizer partitions"),
     Format("peft", "rlexport.formats.peft", "PEFT adapter folder (LoRA), with or without a value head"),
     Format("hf", "rlexport.formats.hf", "Hugging Face model folder (full fine-tune), value head inside or beside"),
 )
@@ -31,7 +35,7 @@ FORMATS: tuple[Format, ...] = (
 class Piece:
     """Something in the checkpoint that is not the policy: a reward adapter, a head, trainer state."""
 
-    kind: str  # "reward-adapter" | "value-head" | "trainer-state" | "checkpoint"
+    kind: str  # "reward-adapter" | "value-head" | "trainer-state" | "checkpoint" | "raw-checkpoint"
     path: Path
     note: str
 
@@ -68,6 +72,14 @@ def _module(fmt: Format):
 
 def detect(path: Path) -> Format:
     path = Path(path)
+    from .files import input_error
+    # stat() the input and the files detection keys on, so a symlink loop is reported as one, not as "missing"
+    for p in (path, path / "config.json", path / "adapter_config.json"):
+        try:
+            p.stat()
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise input_error(p, e) from None
     if not path.exists():
         raise RlexportError("missing-input", "checkpoint path does not exist", file=path, hint="check the path")
     if not path.is_dir():
@@ -78,11 +90,16 @@ def detect(path: Path) -> Format:
             return fmt
     kinds = ", ".join(f.kind for f in FORMATS)
     raise RlexportError("unknown-format", "no known checkpoint format found (no adapter_config.json, "
-                        "config.json with weights)", file=path,
+                        "config.json with weights, or DeepSpeed latest + global_stepN/)", file=path,
                         hint=f"pass a trainer output folder or one of its checkpoint-N/ folders (formats: {kinds})")
 
 
-def open_checkpoint(path: str | Path, *, base: str | Path | None = None) -> Source:
-    """Detect the input kind and describe the checkpoint, without reading tensor bytes."""
+def open_checkpoint(path: str | Path, *, base: str | Path | None = None, tag: str | None = None) -> Source:
+    """Detect the input kind and describe the checkpoint, without reading tensor bytes.
+
+    `tag` picks a DeepSpeed checkpoint (`global_stepN/`) inside `path` instead of `latest` or HF weights."""
+    if tag is not None:
+        from .deepspeed import with_tag
+        path = with_tag(path, tag)
     fmt = detect(Path(path))
     return _module(fmt).read(Path(path), base=base)

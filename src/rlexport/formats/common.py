@@ -114,7 +114,8 @@ def pieces_beside(folder: Path):
         elif sub.name.startswith("checkpoint-"):
             out.append(Piece("checkpoint", sub, "intermediate checkpoint; export it by passing its path"))
         elif sub.name.startswith("global_step"):
-            out.append(Piece("trainer-state", sub, "raw DeepSpeed checkpoint (optimizer/partition states)"))
+            out.append(Piece("trainer-state", sub, "raw DeepSpeed checkpoint (fp32 optimizer partitions); "
+                             f"export it instead with --tag {sub.name}"))
     return tuple(out)
 
 

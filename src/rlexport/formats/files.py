@@ -198,7 +198,7 @@ def safetensors_refs(path: Path) -> list[TensorRef]:
                 raise RlexportError("unsupported-dtype", f"tensor '{name}' has dtype {sl.get_dtype()}", file=path,
                                     hint="rlexport reads float and integer tensors only")
             shape = tuple(sl.get_shape())
-            refs.append(TensorRef(name, dtype, shape, _loader(path, offsets[name], dtype, shape), str(path)))
+            refs.append(TensorRef(name, dtype, shape, _loader(path, offsets[name], dtype, shape, name), str(path)))
         return refs
     except (SafetensorError, OSError, KeyError, ValueError) as e:
         _handle.cache_clear()
@@ -220,10 +220,10 @@ def _data_offsets(path: Path) -> dict[str, int]:
     return {k: 8 + n + int(v["data_offsets"][0]) for k, v in header.items() if k != "__metadata__"}
 
 
-def _loader(path: Path, offset: int, dtype: torch.dtype, shape: tuple[int, ...]) -> FileSlice:
+def _loader(path: Path, offset: int, dtype: torch.dtype, shape: tuple[int, ...], name: str) -> FileSlice:
     # pread into our own buffers, not safe_open's mmap: mapped pages count as RSS until unmapped, so reading a
     # model through the mmap grows the process by the model's size. FileSlice also streams row blocks.
-    return FileSlice(path, offset, dtype, shape, on_error=lambda e: _corrupt(path, e))
+    return FileSlice(path, offset, dtype, shape, on_error=lambda e: _corrupt(path, e), name=name)
 
 
 def safetensors_metadata(path: Path) -> dict:

@@ -8,7 +8,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from . import Source
-from .common import (find_value_head, has_tokenizer, model_weights, pieces_beside, resolve_base,
+from ..tensors import FLOATS
+from .common import (VALUE_HEAD_FILES, find_value_head, has_tokenizer, model_weights, pieces_beside, resolve_base,
                      trainer_stage)
 from .files import read_json, weight_files
 
@@ -22,13 +23,26 @@ def read(path: Path, *, base=None) -> Source:
     weights = model_weights(path)
     head, head_file = find_value_head(path, weights)
     producer, stage = trainer_stage(path, bool(head))
-    if any(r.name.startswith("pretrained_model.") for r in weights):
-        producer = "trl"
+    if any(r.name.startswith("pretrained_model.") for r in weights) or \
+            (head and producer == "transformers" and head_file not in {path / f for f in VALUE_HEAD_FILES}):
+        producer = "trl"  # TRL's value-head wrapper keeps v_head.* inside the model weights
     base_dir = resolve_base(base, relative_to=path, explicit=True) if base is not None else None
     base_config = read_json(base_dir / "config.json") if base_dir else None
     dirs = [d for d in (path, base_dir) if d is not None and has_tokenizer(d)]
     return Source(
         kind="hf", path=path, producer=producer, stage=stage, config=config, config_dir=path,
         weights=tuple(weights), value_head=head, value_head_file=head_file, tokenizer_dirs=tuple(dirs),
-        base_dir=base_dir, base_config=base_config, pieces=pieces_beside(path),
+        base_dir=base_dir, base_config=base_config, pieces=pieces_beside(path) + _raw_checkpoints(path, weights),
     )
+
+
+def _raw_checkpoints(path: Path, weights) -> tuple:
+    """ZeRO-3 [0] placeholders: point at the raw DeepSpeed checkpoints of the run that hold the real weights
+    (a folder holding `latest` itself is read by the deepspeed reader instead)."""
+    from . import Piece
+    from .deepspeed import has_raw_checkpoint
+    if not any(r.numel == 0 and r.dtype in FLOATS for r in weights):
+        return ()
+    found = [d for d in sorted(path.glob("checkpoint-*")) if d.is_dir() and has_raw_checkpoint(d)]
+    return tuple(Piece("raw-checkpoint", d, f"the weights here are empty ZeRO-3 placeholders; the real ones are in "
+                       f"this DeepSpeed checkpoint: rlexport export {d}") for d in found)

@@ -79,7 +79,7 @@ def read(path: Path, *, base=None) -> Source:
     if is_reward_adapter(path) and not head:
         stage = "ppo-reward-adapter"
     if producer == "transformers":
-        producer = "peft"
+        producer = "trl" if head_file is not None and head_file.name == "pytorch_model.bin" else "peft"
     return Source(
         kind="peft", path=path, producer=producer, stage=stage, config=base_config, config_dir=base_dir,
         weights=tuple(model_weights(base_dir)), adapter=adapter, value_head=head, value_head_file=head_file,

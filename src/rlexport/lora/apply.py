@@ -24,7 +24,8 @@ from ..tensors import FLOATS, TensorRef
 from . import deltas
 from .config import token_indices
 from .read import Adapter, Update
-from .streamed import LowRankMerge, Term, _block
+from .streamed import LowRankMerge, Term
+from .streamed import delta as low_rank_delta
 
 log = logging.getLogger("rlexport")
 Op = Callable[[torch.Tensor], torch.Tensor]
@@ -35,9 +36,9 @@ def fp32(ref: TensorRef) -> torch.Tensor:
     return ref.load().to(torch.float32)
 
 
-def mismatch(what: str, adapter: Adapter) -> RlexportError:
-    return RlexportError("adapter-base-mismatch", what, file=adapter.path,
-                         hint="pass the --base the adapter was trained on")
+def mismatch(what: str, adapter: Adapter, code: str = "base-shape-mismatch") -> RlexportError:
+    """A base that does not fit the adapter: other shapes (base-shape-mismatch) or missing tensors."""
+    return RlexportError(code, what, file=adapter.path, hint="pass the --base the adapter was trained on")
 
 
 class Merge:
@@ -78,7 +79,8 @@ class Merge:
     def target(self, name: str) -> str:
         t = self.resolve(name)
         if t is None:
-            raise mismatch(f"the adapter targets '{name}', which the base model does not have", self.adapter)
+            raise mismatch(f"the adapter targets '{name}', which the base model does not have", self.adapter,
+                           "adapter-base-mismatch")
         return t
 
     def stored(self, name: str) -> str:
@@ -206,15 +208,14 @@ class Merge:
             raise RlexportError("quantized-base", f"{stored} is stored as {src.dtype}, not a float", file=src.origin,
                                 hint="pass --base the full-precision model; adapters merge into float weights")
         if all(isinstance(op, tuple) for op in ops):
-            # plain LoRA: the writer may stream it in row blocks (PEFT's operation order, bit-identical)
+            # plain LoRA: the writer may stream the base in row blocks through the delta (bit-identical to PEFT)
             return dataclasses.replace(src, load=LowRankMerge(src.load, ops, src.shape), dtype=torch.float32)
 
         def merged(w: torch.Tensor) -> torch.Tensor:
             w = w.to(torch.float32, copy=True)
             for op in ops:
                 if isinstance(op, tuple):
-                    a, b, s, t = op
-                    w.add_(_block(fp32(a), fp32(b), s, t, 0, w.shape[0]))
+                    w.add_(low_rank_delta(op))
                 else:
                     w = op(w)
             return w

@@ -22,10 +22,10 @@ UNSUPPORTED_OPTIONS = {
     "velora_config": "VeLoRA", "monteclora_config": "MonteCLoRA", "kasa_config": "KaSA",
     "layer_replication": "layer_replication", "use_qalora": "QALoRA", "megatron_config": "Megatron LoRA",
 }
-# init_lora_weights values that rewrite the base weights at init (the adapter only fits the rewritten base)
-# or turn on a LoRA variant. PEFT's conversion (path_initial_model_for_weight_conversion) resets the value to
-# True, and such converted adapters merge with the ordinary formula.
-BASE_REWRITING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga", "mica")
+# init_lora_weights values that rewrite the base weights at init: the adapter only fits the rewritten base, which
+# is not saved. PEFT's conversion (path_initial_model_for_weight_conversion) resets the value to True, and such
+# converted adapters merge with the ordinary formula. (gaussian, eva, orthogonal, mica only set A and B.)
+BASE_REWRITING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
 
 
 def peft_type(config: dict) -> str:
@@ -62,12 +62,12 @@ def pattern_value(patterns: dict | None, name: str, default):
     return default
 
 
-def rank_alpha(config: dict, name: str) -> tuple[int, float]:
+def rank_alpha(config: dict, name: str, file: Path | None = None) -> tuple[int, float]:
     """(r, alpha) for one module; name is the module path (or `module.param` for target_parameters)."""
     r = pattern_value(config.get("rank_pattern"), name, config.get("r", 8))
     alpha = pattern_value(config.get("alpha_pattern"), name, config.get("lora_alpha", 8))
     if not isinstance(r, int) or isinstance(r, bool) or r <= 0 or not isinstance(alpha, (int, float)):
-        raise RlexportError("adapter-config-invalid", f"rank {r!r} / alpha {alpha!r} for {name}",
+        raise RlexportError("adapter-config-invalid", f"rank {r!r} / alpha {alpha!r} for {name}", file=file,
                             hint="fix r, lora_alpha, rank_pattern or alpha_pattern in adapter_config.json")
     return r, alpha
 

@@ -34,14 +34,6 @@ def dora_embedding(w: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tensor
     return (magnitude / norm).view(1, -1) * (w + delta)
 
 
-def expert_delta(a: torch.Tensor, b: torch.Tensor, scaling: float, experts: int, expert: int) -> torch.Tensor:
-    """One expert's slice of peft lora.ParamWrapper.get_delta_weight for a 3-D [experts, out, in] parameter:
-    A [r*E, in] is (E, r, in) expert-major; B [out, r*E] is (out, r, E) rank-major."""
-    a_e = a.reshape(experts, -1, a.shape[-1])[expert]
-    b_e = b.reshape(b.shape[0], -1, experts)[:, :, expert]
-    return torch.einsum("o r, r i -> o i", b_e, a_e) * scaling
-
-
 def loha_delta(w1a, w1b, w2a, w2b, scaling: float) -> torch.Tensor:
     """peft LoHa (Hadamard product): ((w1a @ w1b) * (w2a @ w2b)) * scale."""
     return ((w1a @ w1b) * (w2a @ w2b)) * torch.tensor(scaling)

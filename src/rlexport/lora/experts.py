@@ -37,6 +37,9 @@ def _layouts(m, module: str) -> dict[str, tuple]:
             experts.append([(n, m.shape(n)) for n in names])
         if experts:
             first = experts[0]
+            if any([s for _, s in e] != [s for _, s in first] for e in experts):
+                raise RlexportError("base-shape-mismatch", f"the experts under {block} differ in shape",
+                                    file=m.adapter.path, hint="pass the --base the adapter was trained on")
             shape = (len(experts), sum(s[0] for _, s in first), first[0][1][1])
             out[p] = ("split", experts, shape)
     return out
@@ -54,14 +57,14 @@ def plan_param(m, u) -> None:
     found = [p for p, lay in layouts.items() if fits(lay[2]) and (u.module, p) not in m.params_taken]
     if len(found) != 1:
         what = "matches none" if not found else f"could be any of {', '.join(found)}"
-        raise RlexportError("adapter-base-mismatch", f"the adapter's parameter LoRA on {u.module} "
+        raise RlexportError("base-shape-mismatch", f"the adapter's parameter LoRA on {u.module} "
                             f"(A {list(a.shape)}, B {list(b.shape)}) {what} of the base's target_parameters",
                             file=m.adapter.path, hint="pass the --base the adapter was trained on")
     p = found[0]
     m.params_taken.add((u.module, p))
     kind, where, shape = layouts[p]
     experts = shape[0] if len(shape) == 3 else 1
-    r, alpha = rank_alpha(m.config, f"{u.module}.{p}")
+    r, alpha = rank_alpha(m.config, f"{u.module}.{p}", m.adapter.path / "adapter_config.json")
     if r * experts != a.shape[0]:
         raise RlexportError("adapter-rank-mismatch", f"{u.module}.{p}: tensors have rank {a.shape[0] // experts} "
                             f"but adapter_config.json says r={r}", file=m.adapter.path / "adapter_config.json",

@@ -41,7 +41,8 @@ def plan_lokr(m: Merge, u: Update) -> None:
             return (lambda: fp32(full)), tuple(full.shape)
         a, b = w.get(f"lokr_w{i}_a"), w.get(f"lokr_w{i}_b")
         if a is None or b is None:
-            raise mismatch(f"{u.module}: LoKr factor w{i} is missing", m.adapter)
+            raise RlexportError("adapter-incomplete", f"{u.module}: LoKr factor w{i} is missing", file=m.adapter.path,
+                                hint="the adapter file is incomplete; copy it again from the training run")
         return (lambda: fp32(a) @ fp32(b)), (a.shape[0], b.shape[1])
     (f1, s1), (f2, s2) = factor(1), factor(2)
     if (s1[0] * s2[0], s1[1] * s2[1]) != shape:

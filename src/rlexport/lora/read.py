@@ -17,6 +17,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .. import archs
 from ..errors import RlexportError
 from ..tensors import TensorRef
 from .config import check_supported, full_modules, lora_scaling, peft_type, rank_alpha
@@ -74,8 +75,21 @@ class Adapter:
 
     @property
     def modules(self) -> dict[str, Update]:
-        """The LoRA updates, keyed by target weight name (what `rlexport inspect` counts)."""
-        return {u.target: u for u in self.updates if u.kind in LORA_KINDS}
+        """The LoRA updates of whole weights, keyed by the checkpoint weight they change (the shared embedding
+        for a tied lm_head; archs.py renames applied). Expert-parameter LoRAs change many tensors and are left
+        out; `apply_adapter` checks everything exactly."""
+        cfg = self.base_config or {}
+        arch = archs.arch_of(cfg)
+        tied = archs.is_tied(cfg)
+        out = {}
+        for u in self.updates:
+            if u.kind not in ("linear", "embedding"):
+                continue
+            name = arch.embed if tied and u.target == arch.head else u.target
+            for frm, to in arch.renames:
+                name = name.replace(frm, to)
+            out[name] = u
+        return out
 
     @property
     def rank(self) -> int:
@@ -114,7 +128,7 @@ def _classify(refs: list[TensorRef], file: Path):
         for rx, kind, role in _PART_RES:
             m = rx.match(name)
             if m:
-                if m["ad"]:
+                if m["ad"] and m["ad"] != "weight":  # older DoRA saves: lora_magnitude_vector.weight
                     names.add(m["ad"])
                 key = (m["module"], "lora" if kind == "embedding" else kind)
                 parts.setdefault(key, {})[("emb_" if kind == "embedding" else "") + (role or m["role"])] = ref
@@ -137,7 +151,7 @@ def _classify(refs: list[TensorRef], file: Path):
     return parts, full
 
 
-def _lora_update(module: str, t: dict[str, TensorRef], config: dict, file: Path) -> Update:
+def _lora_update(module: str, t: dict[str, TensorRef], config: dict, file: Path, cfg_file: Path) -> Update:
     kind = "embedding" if "emb_A" in t or "emb_B" in t else "lora"
     t = {k.removeprefix("emb_"): v for k, v in t.items()}
     if set(t) - {"A", "B", "bias", "magnitude"} or not {"A", "B"} <= set(t):
@@ -154,10 +168,10 @@ def _lora_update(module: str, t: dict[str, TensorRef], config: dict, file: Path)
     if depth:
         raise RlexportError("unsupported-adapter-tensor", f"nested adapter layer under {module}", file=file,
                             hint="this adapter variant is not supported; merge it with PEFT")
-    r, alpha = rank_alpha(config, module)
+    r, alpha = rank_alpha(config, module, cfg_file)
     if len(t["A"].shape) != 2 or len(t["B"].shape) != 2 or t["A"].shape[0] != r or t["B"].shape[1] != r:
         raise RlexportError("adapter-rank-mismatch", f"{module}: tensors have rank {t['A'].shape[0]} but "
-                            f"adapter_config.json says r={r}", file=file.parent / "adapter_config.json",
+                            f"adapter_config.json says r={r}", file=cfg_file,
                             hint="use the adapter_config.json saved with these weights")
     return Update(module, "embedding" if kind == "embedding" else "linear", t, lora_scaling(config, r, alpha), r)
 
@@ -176,18 +190,17 @@ def read_adapter(folder: Path, config: dict, refs: list[TensorRef]) -> Adapter:
     ptype = peft_type(config)
     updates = []
     for (module, kind), t in parts.items():
-        expected = {"lora": "LORA", "embedding": "LORA", "tokens": "LORA", "loha": "LOHA", "lokr": "LOKR",
-                    "ia3": "IA3"}[kind]
+        expected = {"lora": "LORA", "tokens": "LORA", "loha": "LOHA", "lokr": "LOKR", "ia3": "IA3"}[kind]
         if expected != ptype and kind != "tokens":
             raise RlexportError("adapter-inconsistent", f"{module} has {kind} tensors but adapter_config.json says "
                                 f"peft_type {ptype}", file=cfg_file, hint="use the config saved with these weights")
         if kind == "lora":
-            updates.append(_lora_update(module, t, config, file))
+            updates.append(_lora_update(module, t, config, file, cfg_file))
         elif kind in ("loha", "lokr"):
             if {"hada_t1", "hada_t2", "lokr_t2"} & set(t):
                 raise RlexportError("unsupported-lora-variant", f"{module}: convolutional (CP) {kind.upper()} "
                                     "factors cannot be merged by rlexport", file=file, hint="merge it with PEFT")
-            r, alpha = rank_alpha({**config, "lora_alpha": config.get("alpha", 8)}, module)
+            r, alpha = rank_alpha({**config, "lora_alpha": config.get("alpha", 8)}, module, cfg_file)
             updates.append(Update(module, kind, t, alpha / r, r))
         else:  # tokens, ia3: no rank
             updates.append(Update(module, kind, t))

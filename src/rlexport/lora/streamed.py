@@ -1,13 +1,16 @@
-"""Low-rank merges the writer can stream in row blocks (rlexport.stream protocol), in PEFT's operation order.
+"""Low-rank merges the writer can stream in row blocks (rlexport.stream protocol), bit-identical to PEFT.
 
-PEFT merges as `W += transpose(B @ A) * s`: the product, then the scale, then the add, each rounded in float32.
-A fused `addmm(W, B, A, alpha=s)` rounds differently when s is not a power of two (rsLoRA, most alpha/r), which
-would break "the 16-bit export is PEFT's float32 merge rounded once"; so the block is computed in the same order.
-A row block of `B @ A` (or of its transpose, for Conv1D and embeddings) is the same dot products as the full
-product, so blocks are bit-identical to the whole-tensor merge.
+PEFT merges as `W += transpose(B @ A) * s`: the whole product, then the scale, then the add, each rounded in
+float32. Two shortcuts would change the last bit of some elements, and with it the rounding of a 16-bit export:
+a fused `addmm(W, B, A, alpha=s)` (one rounding instead of two when s is not a power of two: rsLoRA, most
+alpha/r), and products of very short row blocks (BLAS picks other kernels for them: 1- to 3-row blocks of
+`B @ A` differ from the whole product in up to 70% of the elements). So the product is computed in row blocks of
+at least MIN_ROWS rows, which equal the whole product's rows bit for bit (checked once per shape at run time; a
+whole delta where that fails, and for transposed terms), then scaled and added in PEFT's order, block by block.
 """
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -18,13 +21,15 @@ from ..tensors import TensorRef
 Term = tuple[TensorRef, TensorRef, float, bool]  # lora_A [r, in], lora_B [out, r], scaling, transposed
 
 
-def _block(a: torch.Tensor, b: torch.Tensor, s: float, transposed: bool, start: int, stop: int) -> torch.Tensor:
-    """Rows [start, stop) of transpose(B @ A, transposed) * s."""
-    return (b @ a[:, start:stop]).T * s if transposed else (b[start:stop] @ a) * s
+def delta(term: Term) -> torch.Tensor:
+    """transpose(B @ A, transposed) * s in float32 (peft lora.Linear / lora.Embedding get_delta_weight)."""
+    a, b, s, transposed = term
+    d = b.load().to(torch.float32) @ a.load().to(torch.float32)
+    return (d.T if transposed else d) * s
 
 
 class LowRankMerge(StreamLoader):
-    """float32(base) + sum of low-rank deltas, one after the other (as PEFT merges them)."""
+    """float32(base) + each delta in turn (as PEFT merges several adapters into one weight)."""
 
     def __init__(self, base: Callable[[], torch.Tensor], terms: list[Term], shape: tuple[int, ...]):
         self.base, self.terms = base, list(terms)
@@ -38,23 +43,78 @@ class LowRankMerge(StreamLoader):
         if self.streamable:
             return super().__call__()
         w = self.base().to(torch.float32, copy=True)  # never add into a tensor the loader may share
-        for a, b, s, t in self.terms:
-            w.add_(_block(a.load().float(), b.load().float(), s, t, 0, w.shape[0]))
+        for term in self.terms:
+            w.add_(delta(term))
         return w
+
+
+# Row blocks of B @ A, each at least MIN_ROWS long, are computed by the same BLAS kernel as the whole product and
+# equal its rows bit for bit (MKL, OpenBLAS: every element is one K-ordered FMA chain; only very short products,
+# 1-3 rows with MKL on AVX2, take a gemv-like path that sums in another order). That is checked once per process
+# and (r, in) shape by `blocks_match_whole`; where it fails the delta is computed whole instead. Row blocks keep
+# memory flat in model size: a whole float32 delta is the tensor's size (272 MB for a 7B MLP weight).
+MIN_ROWS = 16
+_MATCH: dict[tuple[int, int], bool] = {}
+
+
+def blocks_match_whole(r: int, n_in: int) -> bool:
+    key = (r, n_in)
+    if key not in _MATCH:
+        g = torch.Generator().manual_seed(0)
+        m = 4 * MIN_ROWS + 5
+        b, a = torch.randn(m, r, generator=g), torch.randn(r, n_in, generator=g)
+        whole = b @ a
+        ok = True
+        for step in (MIN_ROWS, MIN_ROWS + 3, 2 * MIN_ROWS + 1, m - MIN_ROWS):
+            for lo in range(0, m, step):
+                lo, hi = _span(lo, min(m, lo + step), m)
+                ok = ok and torch.equal(b[lo:hi] @ a, whole[lo:hi])
+        _MATCH[key] = ok
+    return _MATCH[key]
+
+
+def _span(lo: int, hi: int, n: int) -> tuple[int, int]:
+    """[lo, hi) widened to at least MIN_ROWS rows of the n (when the tensor has that many)."""
+    if hi - lo >= MIN_ROWS:
+        return lo, hi
+    lo = max(0, min(lo, n - MIN_ROWS))
+    return lo, min(n, max(hi, lo + MIN_ROWS))
 
 
 class _Rows(Rows):
     def __init__(self, spec: LowRankMerge):
         self.inner = spec.base.open()
-        self.terms = [(a.load().float(), b.load().float(), s, t) for a, b, s, t in spec.terms]
+        self.n = spec.shape[0]
+        self.terms: list = []  # (b [out, r] float32, a [r, in] float32, s, s is a power of two) or a whole delta
+        try:
+            for t in spec.terms:
+                a, b, s, transposed = t
+                if not transposed and blocks_match_whole(a.shape[0], a.shape[1]):
+                    self.terms.append((b.load().to(torch.float32).contiguous(),
+                                       a.load().to(torch.float32).contiguous(), s, s > 0 and math.frexp(s)[0] == 0.5))
+                else:
+                    self.terms.append(delta(t))
+        except BaseException:
+            self.inner.close()
+            raise
 
     def rows(self, start: int, stop: int, scratch: Scratch) -> torch.Tensor:
         w = self.inner.rows(start, stop, scratch)
         if w.dtype != torch.float32:
-            out = scratch.take(torch.float32, tuple(w.shape))
-            w = out.copy_(w)
-        for a, b, s, t in self.terms:
-            w.add_(_block(a, b, s, t, start, stop))
+            w = scratch.take(torch.float32, tuple(w.shape)).copy_(w)
+        for t in self.terms:
+            if isinstance(t, torch.Tensor):
+                w.add_(t[start:stop])
+                continue
+            b, a, s, pow2 = t
+            lo, hi = _span(start, stop, self.n)
+            d = scratch.take(torch.float32, (hi - lo, a.shape[1]))
+            torch.mm(b[lo:hi], a, out=d)  # the rows of PEFT's B @ A, bit for bit (see MIN_ROWS)
+            d = d[start - lo:stop - lo]
+            if pow2:  # d * s is exact: one rounding either way, and one pass fewer
+                w.add_(d, alpha=s)
+            else:
+                w.add_(d.mul_(s))
         return w
 
     def close(self) -> None:
