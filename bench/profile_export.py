@@ -24,6 +24,7 @@ from rlexport.formats import open_checkpoint  # noqa: E402
 
 t_import = time.perf_counter() - t_start
 totals: dict[str, float] = defaultdict(float)
+cpu: dict[str, float] = defaultdict(float)
 lock = threading.Lock()
 local = threading.local()
 
@@ -33,17 +34,19 @@ def timed(stage: str, fn):
         stack = getattr(local, "stack", None)
         if stack is None:
             stack = local.stack = []
-        stack.append(0.0)  # time spent in nested timed calls
-        t = time.perf_counter()
+        stack.append([0.0, 0.0])  # wall and CPU time spent in nested timed calls
+        t, c = time.perf_counter(), time.thread_time()
         try:
             return fn(*a, **kw)
         finally:
-            dt = time.perf_counter() - t
+            dt, dc = time.perf_counter() - t, time.thread_time() - c
             nested = stack.pop()
             if stack:
-                stack[-1] += dt
+                stack[-1][0] += dt
+                stack[-1][1] += dc
             with lock:
-                totals[stage] += dt - nested
+                totals[stage] += dt - nested[0]
+                cpu[stage] += dc - nested[1]
     return wrapper
 
 
@@ -89,7 +92,7 @@ def main(adapter: str, base: str, out: str, result: str) -> None:
            "after_write": time.perf_counter() - marks["end"], "before_write": marks["start"] - write_start,
            "fsync_tail": last_fsync, "workers": writer.default_workers(), "cpus": len(os.sched_getaffinity(0)),
            "cpu_seconds": ru.ru_utime + ru.ru_stime, "user": ru.ru_utime, "sys": ru.ru_stime,
-           "stages": dict(totals), "version": rlexport.__version__}
+           "stages": dict(totals), "stages_cpu": dict(cpu), "version": rlexport.__version__}
     Path(result).write_text(json.dumps(res, indent=2))
     print(json.dumps(res, indent=2))
 

@@ -287,7 +287,8 @@ def main() -> None:
     geo = GEOMETRIES[args.geometry]
     args.root.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(args.root).free
-    need = geo.nbytes * 3.3
+    generated = (args.root / f"base-{args.geometry}" / ".complete").exists()
+    need = geo.nbytes * (1.15 if generated else 2.3)  # one output at a time (+ the inputs if not generated yet)
     if free < need:
         sys.exit(f"need ~{need / 1e9:.0f} GB free under {args.root}, have {free / 1e9:.0f} GB")
     base, adapter = ensure_inputs(args.geometry, args.root, rank=args.rank, targets=targets)

@@ -236,8 +236,8 @@ def check_values(src: Source, facts: Facts) -> list[Finding]:
                            "(DeepSpeed ZeRO-3 saved without gathering the weights)",
                            f"vLLM/transformers: ValueError: Trying to set a tensor of shape torch.Size([0]) in "
                            f"\"weight\" ... this looks incorrect (or size mismatch for {clean_name(empty[0].name)})",
-                           "retrain with stage3_gather_16bit_weights_on_model_save: true, or rebuild the weights "
-                           "from global_stepN/ with zero_to_fp32.py", empty[0].origin, _names(empty)))
+                           "rlexport reads the fp32 partitions in global_stepN/ directly: rlexport export "
+                           f"{src.path} --out OUT --tag global_stepN (no DeepSpeed needed)", empty[0].origin, _names(empty)))
     if not facts.scanned:
         total = sum(r.nbytes for r in src.weights)
         out.append(Finding("values-not-scanned", "info", f"tensor values were not read ({total / 1e9:.1f} GB): "

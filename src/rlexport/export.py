@@ -145,7 +145,12 @@ def write(p: Plan, out: Path, *, max_shard_size="5GB", force: bool = False,
     shards = plan_shards(list(p.tensors), parse_size(max_shard_size), link=link)
     with AtomicFolder(out, force=force) as tmp:
         # one pipeline over all shards: a shard's fsync overlaps the next shard's reads, merges and writes
-        write_shards([(tmp / shard.filename, shard) for shard in shards], on_bytes, link=link)
+        try:
+            write_shards([(tmp / shard.filename, shard) for shard in shards], on_bytes, link=link)
+        except RlexportError:
+            # A file rewritten under us reads as damaged (a truncated window): name the real cause.
+            check_unchanged(p.source.path, p.source.base_dir)
+            raise
         log.info("wrote %d shard(s), %d tensors", len(shards), len(p.tensors))
         write_index(tmp, shards)
         folder.write_json(tmp / "config.json", p.config)

@@ -8,9 +8,11 @@ with spaces to 8 bytes, then the data.
 from __future__ import annotations
 
 import errno
+import gc
 import json
 import logging
 import os
+import queue
 import shutil
 import struct
 import threading
@@ -152,7 +154,8 @@ def _bytes_of(t: torch.Tensor, ref: TensorRef) -> memoryview:
 # different blocks overlap (torch and the os calls release the GIL). At most `workers + 2` jobs are in flight:
 # memory is bounded by workers x (largest block and its float32 intermediate), whatever the model size.
 BLOCK_BYTES = 16 << 20
-SUB_BLOCK_BYTES = 768 << 10  # output bytes per compute step: its float32 intermediates stay in cache (L2/L3)
+SUB_BLOCK_BYTES = 1536 << 10  # output bytes per compute step and pwrite: float32 intermediates stay in L3; bigger
+                              # writes hold ext4's inode lock longer (the other writers spin on it)
 SUB_MIN_ROWS = 16            # fewer rows make short, slow matrix products (and lora.streamed.MIN_ROWS widens them)
 COPY_BYTES = 64 << 20     # byte-range copies (copy_file_range) need no buffer: bigger steps
 _SYNC_FILE_RANGE_WRITE = 2
@@ -351,7 +354,7 @@ def _verify_job(opened: _Opened, checks, start: int, stop: int, reported: int, l
     return reported
 
 
-def _jobs(out: _Out, local: threading.local):
+def _jobs(out: _Out, local: threading.local, writer: "_Writer"):
     """(callable, nbytes) for every block of the shard, in file order."""
     offset = out.data_start
     for ref in out.shard.refs:
@@ -374,7 +377,8 @@ def _jobs(out: _Out, local: threading.local):
             opened = _Opened(load, len(groups))
             for g in groups:
                 s, e = g[0][0], g[-1][1]
-                yield partial(_rows_job, ref, opened, g, out, offset + s * row_bytes, local), (e - s) * row_bytes
+                yield (partial(_rows_job, ref, opened, g, out, offset + s * row_bytes, local, writer),
+                       (e - s) * row_bytes)
         else:
             yield partial(_whole_job, ref, out, offset), ref.nbytes
         offset += ref.nbytes
@@ -396,28 +400,105 @@ def _sub_blocks(total: int, row_bytes: int) -> list[tuple[int, int]]:
 
 
 def _rows_job(ref: TensorRef, opened: _Opened, subs: list[tuple[int, int]], out: _Out, dst_off: int,
-              local: threading.local) -> int:
+              local: threading.local, writer: "_Writer") -> int:
     """One block, computed in sub-blocks small enough that every stage (read, convert, merge, check, cast) works
-    in the core's cache: streaming whole 16 MB blocks through each stage in turn is memory-bound and ~2x slower."""
-    scratch = getattr(local, "scratch", None)
-    if scratch is None:
-        scratch = local.scratch = Scratch()
+    in the core's cache: streaming whole 16 MB blocks through each stage in turn is memory-bound and ~2x slower.
+    Each computed sub-block goes to the writer thread; this thread goes on computing in another arena."""
     try:
         rows = opened.get()
         rows.prefetch(subs[0][0], subs[-1][1])
         off = dst_off
         for s, e in subs:
-            scratch.reset()
-            t = rows.rows(s, e, scratch)
-            if t.dtype != ref.dtype or tuple(t.shape) != block_shape(ref.shape, s, e):
-                raise AssertionError(f"{ref.name}[{s}:{e}]: produced {t.dtype}{list(t.shape)}, planned {ref.dtype}")
-            data = as_bytes(t)
-            _pwrite_all(out.fd, data, off)
+            scratch, release = _arena(local)
+            try:
+                t = rows.rows(s, e, scratch)
+                if t.dtype != ref.dtype or tuple(t.shape) != block_shape(ref.shape, s, e):
+                    raise AssertionError(f"{ref.name}[{s}:{e}]: produced {t.dtype}{list(t.shape)}, "
+                                         f"planned {ref.dtype}")
+                data = as_bytes(t)
+            except BaseException:
+                release()
+                raise
+            writer.write(out, data, off, release)
             off += len(data)
     finally:
         opened.done()
-    _start_writeback(out.fd, dst_off, off - dst_off)
     return off - dst_off
+
+
+ARENAS = 3  # scratch arenas per worker: one being computed, the others queued for (or being) written
+
+
+def _arena(local: threading.local) -> tuple[Scratch, Callable[[], None]]:
+    """The worker's next scratch arena, once the writer is done with what was last computed in it."""
+    ring = getattr(local, "ring", None)
+    if ring is None:
+        ring = local.ring = [(Scratch(), threading.Event()) for _ in range(ARENAS)]
+        for _, ev in ring:
+            ev.set()
+        local.next = 0
+    scratch, ev = ring[local.next]
+    local.next = (local.next + 1) % ARENAS
+    ev.wait()
+    ev.clear()
+    scratch.reset()
+    return scratch, ev.set
+
+
+class _Writer:
+    """The one thread that pwrites computed blocks (and starts their writeback). ext4 serializes writers to a file
+    on its inode lock and the waiting ones spin (40% of the write CPU with four writers), and sync_file_range
+    blocks on a full device queue: the compute threads should do neither. Items run in the order queued."""
+
+    def __init__(self) -> None:
+        self.q: queue.SimpleQueue = queue.SimpleQueue()
+        self.error: BaseException | None = None
+        self.aborted = False
+        self.thread = threading.Thread(target=self._run, name="rlexport-pwrite", daemon=True)
+        self.thread.start()
+
+    def write(self, out, data: memoryview, offset: int, done: Callable[[], None]) -> None:
+        if self.error is not None:
+            done()
+            raise RlexportError("write-failed", f"could not write the export ({self.error})",
+                                hint="check free space and the disk") from self.error
+        self.q.put((out, data, offset, done))
+
+    def call(self, fn: Callable[[], None]) -> None:
+        """Run fn on the writer thread once everything queued before it is written."""
+        self.q.put((None, fn, 0, None))
+
+    def flush(self) -> None:
+        ev = threading.Event()
+        self.call(ev.set)
+        ev.wait()
+        if self.error is not None:
+            raise self.error
+
+    def abort(self) -> None:
+        self.aborted = True
+
+    def close(self) -> None:
+        self.q.put(None)
+        self.thread.join()
+
+    def _run(self) -> None:
+        while True:
+            item = self.q.get()
+            if item is None:
+                return
+            out, data, offset, done = item
+            try:
+                if out is None:
+                    data()
+                elif self.error is None and not self.aborted:
+                    _pwrite_all(out.fd, data, offset)
+                    _start_writeback(out.fd, offset, len(data))
+            except BaseException as e:  # reported to the workers and to write_shards
+                self.error = self.error or e
+            finally:
+                if done is not None:
+                    done()
 
 
 def _whole_job(ref: TensorRef, out: _Out, dst_off: int) -> int:
@@ -433,10 +514,16 @@ def _one_torch_thread_each():
     oversubscribe the cores (and spin) next to the I/O threads."""
     n = torch.get_num_threads()
     torch.set_num_threads(1)
+    # The blocks make no reference cycles (refcounting frees them), but they allocate enough small objects to
+    # trigger collections that walk everything torch's import created: 5% of the CPU of an export. Paused here.
+    collect = gc.isenabled()
+    gc.disable()
     try:
         yield
     finally:
         torch.set_num_threads(n)
+        if collect:
+            gc.enable()
 
 
 def write_shards(items: list[tuple[Path, Shard]], on_bytes: Callable[[int], None] | None = None, *,
@@ -449,16 +536,20 @@ def write_shards(items: list[tuple[Path, Shard]], on_bytes: Callable[[int], None
     local = threading.local()
     outs: list = []
     with _one_torch_thread_each(), ThreadPoolExecutor(workers, thread_name_prefix="rlexport-write") as pool:
+        writer = _Writer()
         inflight: deque = deque()  # (future, the shard it completes or None), in submission order
         finishing: list[Future] = []
+
+        def finish(out) -> None:  # after the shard's last write: fsync it on a worker, the writer goes on
+            writer.call(lambda: finishing.append(pool.submit(out.finish)))
 
         def settle() -> None:
             fut, last_of = inflight.popleft()
             n = fut.result()
             if on_bytes and n:
                 on_bytes(n)
-            if last_of is not None:  # every block of that shard is written: fsync it, off this thread
-                finishing.append(pool.submit(last_of.finish))
+            if last_of is not None:
+                finish(last_of)
 
         try:
             for path, shard in items:
@@ -467,7 +558,7 @@ def write_shards(items: list[tuple[Path, Shard]], on_bytes: Callable[[int], None
                     jobs = _placed_jobs(out, local)
                 else:
                     out = _Out(path, shard)
-                    jobs = _jobs(out, local)
+                    jobs = _jobs(out, local, writer)
                 outs.append(out)
                 pending = None
                 for job, _ in jobs:
@@ -479,12 +570,14 @@ def write_shards(items: list[tuple[Path, Shard]], on_bytes: Callable[[int], None
                 if pending is not None:
                     inflight.append((pool.submit(pending), out))
                 else:
-                    finishing.append(pool.submit(out.finish))
+                    finish(out)
             while inflight:
                 settle()
+            writer.flush()
             for f in finishing:
                 f.result()
         except BaseException:
+            writer.abort()
             for f, _ in inflight:
                 f.cancel()
             for f in [*(f for f, _ in inflight), *finishing]:
@@ -494,8 +587,11 @@ def write_shards(items: list[tuple[Path, Shard]], on_bytes: Callable[[int], None
                     pass
             raise
         finally:
-            for out in outs:
-                out.close()
+            writer.close()
+            for f in finishing:
+                f.cancel()
+    for out in outs:  # after the pool has stopped: no fsync can be running on them
+        out.close()
 
 
 def write_shard(path: Path, shard: Shard, on_bytes: Callable[[int], None] | None = None) -> None:

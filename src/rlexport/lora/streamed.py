@@ -73,6 +73,31 @@ def blocks_match_whole(r: int, n_in: int) -> bool:
     return _MATCH[key]
 
 
+_FUSED: dict[tuple[int, int, float], bool] = {}
+
+
+def fused_matches(r: int, n_in: int, s: float) -> bool:
+    """Whether W.addmm_(B, A, alpha=s) equals W + (B @ A) * s bit for bit (row blocks against the whole product).
+
+    For s a power of two it should: the kernel's product is the same K-ordered FMA chain, scaling it by s is
+    exact, and the one addition rounds once either way. The fused call saves the zeroing of a product buffer
+    and a pass over it (~10% of an export's CPU). Checked once per process and shape, like blocks_match_whole."""
+    key = (r, n_in, s)
+    if key not in _FUSED:
+        g = torch.Generator().manual_seed(1)
+        m = 4 * MIN_ROWS + 5
+        w = torch.randn(m, n_in, generator=g)
+        b, a = torch.randn(m, r, generator=g) * 0.1, torch.randn(r, n_in, generator=g)
+        ref = w + (b @ a) * s
+        ok = True
+        for step in (MIN_ROWS, 2 * MIN_ROWS + 1, m):
+            for lo in range(0, m, step):
+                lo, hi = _span(lo, min(m, lo + step), m)
+                ok = ok and torch.equal(w[lo:hi].clone().addmm_(b[lo:hi], a, alpha=s), ref[lo:hi])
+        _FUSED[key] = ok
+    return _FUSED[key]
+
+
 def _span(lo: int, hi: int, n: int) -> tuple[int, int]:
     """[lo, hi) widened to at least MIN_ROWS rows of the n (when the tensor has that many)."""
     if hi - lo >= MIN_ROWS:
@@ -85,13 +110,15 @@ class _Rows(Rows):
     def __init__(self, spec: LowRankMerge):
         self.inner = spec.base.open()
         self.n = spec.shape[0]
-        self.terms: list = []  # (b [out, r] float32, a [r, in] float32, s, s is a power of two) or a whole delta
+        self.terms: list = []  # (b [out, r], a [r, in] float32, s, s is a power of two, fused add) or a delta
         try:
             for t in spec.terms:
                 a, b, s, transposed = t
                 if not transposed and blocks_match_whole(a.shape[0], a.shape[1]):
+                    pow2 = s > 0 and math.frexp(s)[0] == 0.5
+                    fused = pow2 and fused_matches(a.shape[0], a.shape[1], s)
                     self.terms.append((b.load().to(torch.float32).contiguous(),
-                                       a.load().to(torch.float32).contiguous(), s, s > 0 and math.frexp(s)[0] == 0.5))
+                                       a.load().to(torch.float32).contiguous(), s, pow2, fused))
                 else:
                     self.terms.append(delta(t))
         except BaseException:
@@ -106,8 +133,11 @@ class _Rows(Rows):
             if isinstance(t, torch.Tensor):
                 w.add_(t[start:stop])
                 continue
-            b, a, s, pow2 = t
+            b, a, s, pow2, fused = t
             lo, hi = _span(start, stop, self.n)
+            if fused and (lo, hi) == (start, stop):
+                w.addmm_(b[lo:hi], a, alpha=s)  # = w + (B @ A)[rows] * s, bit for bit (see fused_matches)
+                continue
             d = scratch.take(torch.float32, (hi - lo, a.shape[1]))
             torch.mm(b[lo:hi], a, out=d)  # the rows of PEFT's B @ A, bit for bit (see MIN_ROWS)
             d = d[start - lo:stop - lo]
