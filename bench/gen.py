@@ -175,10 +175,13 @@ def make_adapter(geo: Geometry, base: Path, out: Path, *, rank: int = 64, alpha:
     return out
 
 
-def ensure_inputs(geo_key: str, root: Path, *, rank: int, targets: tuple[str, ...], seed: int = 0) -> tuple[Path, Path]:
+def ensure_inputs(geo_key: str, root: Path, *, rank: int, targets: tuple[str, ...], seed: int = 0,
+                  adapter_dtype: torch.dtype = torch.float32) -> tuple[Path, Path]:
     geo = GEOMETRIES[geo_key]
     base = root / f"base-{geo_key}"
     adapter = root / f"lora-{geo_key}-r{rank}-{'-'.join(t.removesuffix('_proj') for t in targets)}"
+    if adapter_dtype != torch.float32:
+        adapter = adapter.with_name(adapter.name + "-" + str(adapter_dtype).removeprefix("torch."))
     stamp = base / ".complete"
     if not stamp.exists():
         t = time.time()
@@ -187,6 +190,6 @@ def ensure_inputs(geo_key: str, root: Path, *, rank: int, targets: tuple[str, ..
         print(f"generated {base} ({geo.nbytes / 1e9:.2f} GB) in {time.time() - t:.0f}s", flush=True)
     astamp = adapter / ".complete"
     if not astamp.exists():
-        make_adapter(geo, base, adapter, rank=rank, targets=targets, seed=seed + 1)
+        make_adapter(geo, base, adapter, rank=rank, targets=targets, seed=seed + 1, dtype=adapter_dtype)
         astamp.write_text("ok")
     return base, adapter

@@ -19,6 +19,7 @@ from pathlib import Path
 t_start = time.perf_counter()
 import rlexport  # noqa: E402
 from rlexport import stream, writer  # noqa: E402
+from rlexport.lora import streamed  # noqa: E402
 from rlexport.export import plan, write  # noqa: E402
 from rlexport.formats import open_checkpoint  # noqa: E402
 
@@ -52,10 +53,13 @@ def timed(stage: str, fn):
 
 def main(adapter: str, base: str, out: str, result: str) -> None:
     stream._FileRows.rows = timed("read (pread)", stream._FileRows.rows)
-    stream._AddLowRankRows.rows = timed("merge (bf16->f32, B@A, *s, add)", stream._AddLowRankRows.rows)
+    streamed._Rows.rows = timed("merge (bf16->f32, W + B@A*s)", streamed._Rows.rows)
     stream._CastRows.rows = timed("check + cast", stream._CastRows.rows)
-    stream._AddLowRankRows.__init__ = timed("load LoRA factors", stream._AddLowRankRows.__init__)
+    streamed._Rows.__init__ = timed("load LoRA factors", streamed._Rows.__init__)
     writer._pwrite_all = timed("write (pwrite)", writer._pwrite_all)
+    writer._arena = timed("wait for a free arena (writer behind)", writer._arena)
+    writer._Opened.get = timed("open tensor (LoRA factors, fd)", writer._Opened.get)
+    writer._rows_job = timed("block job (rest: Python glue)", writer._rows_job)
     writer._start_writeback = timed("start writeback", writer._start_writeback)
     writer._copy_range = timed("copy_file_range", writer._copy_range)
     fsyncs = []

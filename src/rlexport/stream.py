@@ -3,9 +3,9 @@
 A `TensorRef.load` is any zero-argument callable returning the whole tensor. The loads built here are also
 `StreamLoader`s: the writer can ask them for row blocks (`open().rows(start, stop, scratch)`) so that no
 tensor is ever held whole, a 1 GB embedding included, and several blocks can be computed and written at once
-by worker threads. Every stage of a transform chain (file slice -> LoRA merge -> cast) is row-separable, so
-a chain of StreamLoaders is one too; anything else (`TensorRef.mapped`, pickled weights) falls back to
-`load()`.
+by worker threads. Every stage of a transform chain (file slice -> LoRA merge (lora/streamed.py) -> cast) is
+row-separable, so a chain of StreamLoaders is one too; anything else (`TensorRef.mapped`, pickled weights)
+falls back to `load()`.
 
 Blocks are written into a per-thread `Scratch` arena that the writer reuses from block to block, so the hot
 path allocates nothing and page-faults nothing after the first blocks.
@@ -59,7 +59,10 @@ class Scratch:
             self._bufs.append(torch.empty(0, dtype=torch.uint8))
         if self._bufs[i].numel() < n:
             self._bufs[i] = torch.empty(0, dtype=torch.uint8)  # free the old one first
-            self._bufs[i] = torch.empty(n, dtype=torch.uint8)
+            # whole MiBs: blocks of slightly different sizes then reuse the buffer instead of each freeing and
+            # allocating a slightly larger one (which leaves the old one as a hole in the heap: RSS creeps up)
+            cap = n if n < (256 << 10) else -(-n // (1 << 20)) << 20
+            self._bufs[i] = torch.empty(cap, dtype=torch.uint8)
         return self._bufs[i][:n].view(dtype).view(shape)
 
     @property
@@ -197,65 +200,6 @@ class Stored:
 
 
 # ---- transforms ----
-
-class AddLowRank(StreamLoader):
-    """float32(base) + (left @ right) * scale, in PEFT's operation order (so a float32 export equals PEFT's float32
-    merge bit for bit): the product rounded to float32, then scaled, then added in place into the float32 block.
-
-    `left` and `right` are loaded once per open(), in float32; rows of the result need rows of `left` only.
-    """
-
-    def __init__(self, base: Callable[[], torch.Tensor], left: Callable[[], torch.Tensor],
-                 right: Callable[[], torch.Tensor], scale: float, shape: tuple[int, ...]):
-        self.base, self.left, self.right, self.scale = base, left, right, float(scale)
-        self.dtype, self.shape = torch.float32, tuple(shape)
-        self.streamable = isinstance(base, StreamLoader) and base.streamable
-
-    def open(self) -> Rows:
-        return _AddLowRankRows(self)
-
-    def __call__(self) -> torch.Tensor:
-        if self.streamable:
-            return super().__call__()
-        w = self.base()
-        # the base load may hand out a shared tensor (pickled state dicts): never add into it
-        out = w.to(torch.float32, copy=True) if w.dtype != torch.float32 else w.clone()
-        return out.add_((_f32(self.left()) @ _f32(self.right())).mul_(self.scale))
-
-
-def _f32(t: torch.Tensor) -> torch.Tensor:
-    return t.to(torch.float32).contiguous()
-
-
-class _AddLowRankRows(Rows):
-    def __init__(self, spec: AddLowRank):
-        self.spec = spec
-        # alpha / r is usually a power of two (alpha = 2r, 16/8...): scaling by it is exact in float32
-        self.pow2 = spec.scale > 0 and math.frexp(spec.scale)[0] == 0.5
-        self.inner = spec.base.open()
-        try:
-            self.left, self.right = _f32(spec.left()), _f32(spec.right())
-        except BaseException:
-            self.inner.close()
-            raise
-
-    def rows(self, start: int, stop: int, scratch: Scratch) -> torch.Tensor:
-        w = self.inner.rows(start, stop, scratch)
-        if w.dtype == torch.float32:
-            out = w  # blocks from rows() belong to the caller (scratch buffers): add in place
-        else:
-            out = scratch.take(torch.float32, tuple(w.shape))
-            out.copy_(w)
-        d = scratch.take(torch.float32, tuple(w.shape))
-        torch.mm(self.left[start:stop], self.right, out=d)
-        if self.pow2:  # d * scale is exact: w + d * scale rounds once either way, skip the pass over d
-            return out.add_(d, alpha=self.spec.scale)
-        return out.add_(d.mul_(self.spec.scale))
-
-    def close(self) -> None:
-        self.inner.close()
-        self.left = self.right = None
-
 
 CheckFn = Callable[[torch.Tensor], None]
 
