@@ -157,7 +157,8 @@ def make_adapter(geo: Geometry, base: Path, out: Path, *, rank: int = 64, alpha:
     items = []
     for n in range(geo.layers):
         for m in targets:
-            mod = f"base_model.model.model.layers.{n}.{'self_attn' if m.endswith(('q_proj', 'k_proj', 'v_proj', 'o_proj')) else 'mlp'}.{m}"
+            block = "self_attn" if m in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
+            mod = f"base_model.model.model.layers.{n}.{block}.{m}"
             o, i = geo.module_shape(m)
             items += [(f"{mod}.lora_A.weight", dtype, (rank, i)), (f"{mod}.lora_B.weight", dtype, (o, rank))]
     # delta = (alpha/r) * B @ A ~ 0.1 of the weights' std (0.02): a merge that is off shows up

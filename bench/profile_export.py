@@ -18,7 +18,7 @@ from pathlib import Path
 
 t_start = time.perf_counter()
 import rlexport  # noqa: E402
-from rlexport import stream, writer  # noqa: E402
+from rlexport import diskio, stream, writer  # noqa: E402
 from rlexport.lora import streamed  # noqa: E402
 from rlexport.export import plan, write  # noqa: E402
 from rlexport.formats import open_checkpoint  # noqa: E402
@@ -56,20 +56,20 @@ def main(adapter: str, base: str, out: str, result: str) -> None:
     streamed._Rows.rows = timed("merge (bf16->f32, W + B@A*s)", streamed._Rows.rows)
     stream._CastRows.rows = timed("check + cast", stream._CastRows.rows)
     streamed._Rows.__init__ = timed("load LoRA factors", streamed._Rows.__init__)
-    writer._pwrite_all = timed("write (pwrite)", writer._pwrite_all)
+    diskio.pwrite_all = timed("write (pwrite)", diskio.pwrite_all)
     writer._arena = timed("wait for a free arena (writer behind)", writer._arena)
     writer._Opened.get = timed("open tensor (LoRA factors, fd)", writer._Opened.get)
     writer._rows_job = timed("block job (rest: Python glue)", writer._rows_job)
-    writer._start_writeback = timed("start writeback", writer._start_writeback)
-    writer._copy_range = timed("copy_file_range", writer._copy_range)
+    diskio.start_writeback = timed("start writeback", diskio.start_writeback)
+    diskio.copy_range = timed("copy_file_range", diskio.copy_range)
     fsyncs = []
-    finish = writer._Out.finish
+    finish = diskio.OutFile.finish
 
-    def timed_finish(self):
+    def timed_finish(self, *a):
         t = time.perf_counter()
-        finish(self)
+        finish(self, *a)
         fsyncs.append((t, time.perf_counter()))
-    writer._Out.finish = timed("fsync", timed_finish)
+    diskio.OutFile.finish = timed("fsync", timed_finish)
 
     t = time.perf_counter()
     src = open_checkpoint(adapter, base=base)

@@ -13,7 +13,6 @@ DeepSpeed is not needed (nor imported).
 from __future__ import annotations
 
 import argparse
-import enum
 import json
 import math
 import shutil
@@ -32,25 +31,16 @@ WORLD = 2
 
 
 def _fake_deepspeed_classes():
-    """Classes pickled under DeepSpeed's own module paths (registered in sys.modules here only, for pickle)."""
-    class ZeroStageEnum(enum.IntEnum):
-        disabled = 0
-        optimizer_states = 1
-        gradients = 2
-        weights = 3
-
-    class LossScaler:
-        def __init__(self):
-            self.cur_scale, self.dynamic = 1.0, False
-
-    for cls, mod in ((ZeroStageEnum, "deepspeed.runtime.zero.config"),
-                     (LossScaler, "deepspeed.runtime.fp16.loss_scaler")):
+    """rlexport's stand-ins (formats/pickles.py), registered under DeepSpeed's module paths in this process only,
+    so that torch.save pickles them as DeepSpeed would."""
+    from rlexport.formats.pickles import SAFE_GLOBALS, LossScaler, ZeroStageEnum
+    for cls, path in SAFE_GLOBALS:
+        mod, name = path.rsplit(".", 1)
         parts = mod.split(".")
         for i in range(1, len(parts) + 1):  # pickle imports the module path: every parent must exist
             sys.modules.setdefault(".".join(parts[:i]), types.ModuleType(".".join(parts[:i])))
-        setattr(sys.modules[mod], cls.__name__, cls)
-        cls.__module__ = mod
-        cls.__qualname__ = cls.__name__
+        setattr(sys.modules[mod], name, cls)
+        cls.__module__, cls.__qualname__ = mod, name
     return ZeroStageEnum, LossScaler
 
 
@@ -103,7 +93,9 @@ def build(ckpt: Path, layers: int, hidden: int) -> int:
         cut = per_rank // 3  # two optimizer sub-groups, the boundary inside some parameter
         parts = [flat[:cut].clone(), flat[cut:].clone()]
         del flat
-        torch.save({"optimizer_state_dict": {"zero_stage": ZeroStageEnum.weights, "loss_scaler": LossScaler(),
+        scaler = LossScaler()
+        scaler.cur_scale, scaler.dynamic = 1.0, False  # the attributes DeepSpeed's static scaler pickles
+        torch.save({"optimizer_state_dict": {"zero_stage": ZeroStageEnum.weights, "loss_scaler": scaler,
                                              "dynamic_loss_scale": False, "overflow": False,
                                              "partition_count": WORLD,
                                              "optimizer_state_dict": {"state": {}, "param_groups": []},

@@ -79,3 +79,45 @@ def test_existing_out_needs_force(tmp_path):
 def test_usage_errors_exit_2(tmp_path, args):
     proc = run("export", FIXTURES / "lf_ppo_full_qwen2" / "ckpt", "--out", tmp_path / "out", *args)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("link", ["hard", "copy"])
+def test_link_flag_places_unchanged_shards(tmp_path, link):
+    import os
+    src = make_tiny_model(tmp_path / "m")  # bf16 in, bf16 out: the shard comes out unchanged
+    proc = run("export", src, "--out", tmp_path / "out", "--link", link, "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    (out,) = (tmp_path / "out").glob("*.safetensors")
+    assert (os.stat(out).st_ino == os.stat(src / "model.safetensors").st_ino) == (link == "hard")
+
+
+def _run_on_a_terminal(*args) -> str:
+    """stderr as a terminal sees it (rich draws the progress bar only on one)."""
+    import os
+    import pty
+    primary, secondary = pty.openpty()
+    env = {**os.environ, "COLUMNS": "120", "TERM": "xterm"}
+    proc = subprocess.Popen([sys.executable, "-m", "rlexport", *map(str, args)], stdout=subprocess.DEVNULL,
+                            stderr=secondary, env=env)
+    os.close(secondary)
+    chunks = []
+    while True:
+        try:
+            data = os.read(primary, 65536)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not data:
+            break
+        chunks.append(data)
+    assert proc.wait() == 0
+    os.close(primary)
+    import re
+    return re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", b"".join(chunks).decode(errors="replace"))  # colours, cursor
+
+
+def test_progress_bar_on_a_terminal_and_quiet(tmp_path):
+    ckpt = FIXTURES / "lf_ppo_lora_qwen2" / "ckpt"
+    shown = _run_on_a_terminal("export", ckpt, "--out", tmp_path / "a")
+    assert "export policy" in shown and "/s" in shown and "MB" in shown  # bytes done and throughput
+    assert "exported policy" in shown
+    assert _run_on_a_terminal("export", ckpt, "--out", tmp_path / "b", "--quiet") == ""

@@ -12,7 +12,6 @@ import random
 import re
 import signal
 import time
-from pathlib import Path
 
 import pytest
 
@@ -151,7 +150,7 @@ def test_leftover_temporaries_are_cleaned_with_a_message(cli, tiny_base, tmp_pat
 
 def test_a_live_export_is_not_cleaned_up_under_it(cli, tiny_base, tmp_path):
     """While another export holds the --out lock, a second one fails (out-locked) and touches nothing."""
-    from rlexport.writer import OutLock
+    from rlexport.atomic import OutLock
     out = tmp_path / "out"
     live = tmp_path / f".out.rlexport-tmp-{os.getpid()}-0badcafe"
     live.mkdir()

@@ -174,3 +174,37 @@ def test_an_in_memory_peft_dump_with_adapter_names_reads_like_the_saved_file(tmp
     save_file(renamed, f)
     assert any(".default." in k for k in load_file(f))
     assert_matches_oracle(load_folder(rlexport.export(adapter, tmp_path / "out", dtype="float32").out), oracle)
+
+
+def test_streamed_dora_row_blocks_equal_peft_dora_merge_bit_for_bit():
+    # DoRA's norm is per output row: rows of the merged weight need only rows of W and B (and all of A)
+    from peft.tuners.lora.dora import DoraLinearLayer
+    from rlexport.lora.streamed import Dora, LowRankMerge
+    from rlexport.stream import Rows, Scratch, StreamLoader
+    from rlexport.tensors import TensorRef
+
+    def ref(t):
+        return TensorRef("t", t.dtype, tuple(t.shape), lambda: t)
+    torch.manual_seed(0)
+    w = torch.randn(300, 200).to(torch.bfloat16)
+    a, b = torch.randn(8, 200) * 0.1, torch.randn(300, 8) * 0.1
+    m = torch.rand(300) + 0.5
+    for s in (16 / 8 ** 0.5, 2.0):  # rsLoRA and a power of two (the fused path is off for DoRA)
+        delta = (b @ a) * s
+        # PEFT's merge (DoraLinearVariant.merge_safe): factor = m / weight_norm, new = factor * (W + dW)
+        norm = DoraLinearLayer(fan_in_fan_out=False).get_weight_norm(w.float(), delta, scaling=1).detach()
+        peft = (m / norm).view(-1, 1) * (w.float() + delta)
+
+        class Base(StreamLoader, Rows):
+            dtype, shape = w.dtype, tuple(w.shape)
+
+            def open(self):
+                return self
+
+            def rows(self, start, stop, scratch):
+                return w[start:stop].clone()
+        term = Dora((ref(a), ref(b), s, False), ref(m))
+        assert torch.equal(LowRankMerge(lambda: w, [term], (300, 200))(), peft)
+        opened = LowRankMerge(Base(), [term], (300, 200)).open()
+        blocks = torch.cat([opened.rows(i, min(i + 37, 300), Scratch()).clone() for i in range(0, 300, 37)])
+        assert torch.equal(blocks, peft)

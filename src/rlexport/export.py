@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -13,10 +12,12 @@ import torch
 from . import folder
 from .errors import RlexportError
 from .formats import Source, open_checkpoint
-from .tensors import DTYPES, FLOATS, TensorRef, dtype_name, parse_dtype, parse_size
+from .tensors import DTYPES, TensorRef, dtype_name, parse_dtype, parse_size
 from .transforms import apply_adapter, cast, strip_wrappers, tie_embeddings
 from .formats.files import check_unchanged
-from .writer import AtomicFolder, OutLock, plan_shards, remove_stale, write_index, write_shards
+from .atomic import AtomicFolder, OutLock, remove_stale
+from .layout import plan_shards, write_index
+from .writer import write_shards
 
 log = logging.getLogger("rlexport")
 TARGETS = ("policy", "value")
@@ -156,7 +157,7 @@ def write(p: Plan, out: Path, *, max_shard_size="5GB", force: bool = False,
         folder.write_json(tmp / "config.json", p.config)
         for name, data in p.extra_files.items():
             folder.write_json(tmp / name, data)
-        copied = folder.copy_tokenizer(p.source, tmp)
+        folder.copy_tokenizer(p.source, tmp)
         files = tuple(sorted(x.name for x in tmp.iterdir()))
         check_unchanged(p.source.path, p.source.base_dir)  # before the commit: a mix of two versions never lands
     hint = f"vllm serve {out}" if p.target == "policy" else \

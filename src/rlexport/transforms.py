@@ -13,7 +13,7 @@ from .errors import RlexportError
 from . import archs
 from .lora import Adapter
 from .lora import apply_adapter as _merge_adapter
-from .stream import Cast
+from .stream import Cast, equal_values
 from .tensors import FLOATS, TensorRef, dtype_name
 
 # Wrapper prefixes trainers add around the HF names (TRL wrapper walked by DeepSpeed/accelerate, PeftModel).
@@ -73,7 +73,7 @@ def tie_embeddings(refs: list[TensorRef], config: dict) -> tuple[list[TensorRef]
         return [head.renamed(emb_name) if r is head else r for r in refs], True
     if head is None:
         return refs, True
-    if emb.shape == head.shape and torch.equal(emb.load().float(), head.load().float()):
+    if emb.shape == head.shape and equal_values(emb.load, head.load, emb.shape):
         return [r for r in refs if r is not head], True
     return refs, False
 

@@ -1,145 +1,29 @@
-"""Streaming, atomic writer of sharded safetensors folders.
+"""The shard pipeline: tensors' bytes streamed into planned safetensors files (layout.py) in bounded memory.
 
-The safetensors library only writes whole in-memory dicts; to keep memory at one tensor we lay the shards
-out from the TensorRefs' dtype and shape (known before any byte is read), write each header, then stream the
-tensors' bytes in the same order. The layout is the library's format: u64 header length, JSON header padded
-with spaces to 8 bytes, then the data.
+The safetensors library only writes whole in-memory dicts; to keep memory flat the headers are written first
+and the tensors' bytes filled in at their offsets, row block by row block, by a bounded pipeline of threads.
+The output folder around the files (temporary, lock, commit) is atomic.py's; the system calls are diskio.py's.
 """
 from __future__ import annotations
 
-import errno
 import gc
-import json
-import logging
 import os
 import queue
-import shutil
-import struct
 import threading
-import uuid
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 
+from . import diskio
 from .errors import RlexportError
+from .layout import Shard, stored_unchanged
 from .stream import Scratch, StreamLoader, as_bytes, block_shape, n_rows, row_numel
-from .tensors import ST_NAMES, TensorRef
-
-try:
-    import fcntl
-except ImportError:  # not POSIX: exports to one --out are not serialized
-    fcntl = None
-
-TMP_MARK = ".rlexport-tmp-"
-LOCK_MARK = ".rlexport-lock"
-log = logging.getLogger("rlexport")
-
-
-@dataclass(frozen=True)
-class Shard:
-    filename: str
-    refs: tuple[TensorRef, ...]
-    source: Path | None = None  # an input file holding exactly these tensors, unchanged: linked or copied whole
-
-    @property
-    def nbytes(self) -> int:
-        return sum(r.nbytes for r in self.refs)
-
-
-LINK_MODES = ("auto", "hard", "copy")
-
-
-def plan_shards(refs: list[TensorRef], max_shard_bytes: int, *, link: str = "copy") -> list[Shard]:
-    """Split in order; a new shard starts when the next tensor would cross the limit (never empty).
-
-    Unless link="copy", a run of tensors that is exactly an input file's tensors, unchanged (same names, dtypes,
-    shapes, bytes), becomes a shard of its own that the writer reflinks, hard-links (link="hard") or copies whole
-    instead of streaming it tensor by tensor.
-    """
-    if link not in LINK_MODES:
-        raise ValueError(f"link must be one of {LINK_MODES}")
-    names = set()
-    for ref in refs:
-        if ref.name in names:
-            raise RlexportError("duplicate-tensor", f"two tensors would be written as '{ref.name}'",
-                                file=ref.origin, hint="the checkpoint holds the same weight twice; remove one")
-        names.add(ref.name)
-    groups: list[tuple[list[TensorRef], Path | None]] = []
-    size = 0
-    i = 0
-    while i < len(refs):
-        n, source = _whole_file_run(refs, i, max_shard_bytes) if link != "copy" else (0, None)
-        if n:
-            groups.append((list(refs[i:i + n]), source))
-            i += n
-            continue
-        ref = refs[i]
-        if not groups or groups[-1][1] is not None or (groups[-1][0] and size + ref.nbytes > max_shard_bytes):
-            groups.append(([], None))
-            size = 0
-        groups[-1][0].append(ref)
-        size += ref.nbytes
-        i += 1
-    if not groups:
-        groups = [([], None)]
-    n = len(groups)
-    return [Shard(f"model-{i + 1:05d}-of-{n:05d}.safetensors", tuple(g), src) for i, (g, src) in enumerate(groups)]
-
-
-def _stored(ref: TensorRef):
-    st = ref.load.stored if isinstance(ref.load, StreamLoader) else None
-    if st is None or st.file.name != ref.name or st.file.dtype != ref.dtype or \
-            tuple(st.file.shape) != tuple(ref.shape):
-        return None
-    return st
-
-
-def _file_tensors(path: Path) -> set[str] | None:
-    try:
-        with open(path, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(n))
-    except (OSError, ValueError, struct.error):
-        return None
-    return {k for k in header if k != "__metadata__"}
-
-
-def _whole_file_run(refs: list[TensorRef], i: int, max_shard_bytes: int) -> tuple[int, Path | None]:
-    first = _stored(refs[i])
-    if first is None:
-        return 0, None
-    path = first.file.path
-    names = _file_tensors(path)
-    if not names:
-        return 0, None
-    j, size = i, 0
-    while j < len(refs) and j - i < len(names):
-        st = _stored(refs[j])
-        if st is None or st.file.path != path:
-            break
-        size += refs[j].nbytes
-        j += 1
-    if {r.name for r in refs[i:j]} != names or size > max_shard_bytes:
-        return 0, None
-    return j - i, path
-
-
-def _header(refs: tuple[TensorRef, ...]) -> bytes:
-    header: dict = {"__metadata__": {"format": "pt"}}
-    offset = 0
-    for r in refs:
-        header[r.name] = {"dtype": ST_NAMES[r.dtype], "shape": list(r.shape),
-                          "data_offsets": [offset, offset + r.nbytes]}
-        offset += r.nbytes
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
-    return struct.pack("<Q", len(raw)) + raw
+from .tensors import TensorRef
 
 
 def _bytes_of(t: torch.Tensor, ref: TensorRef) -> memoryview:
@@ -150,80 +34,44 @@ def _bytes_of(t: torch.Tensor, ref: TensorRef) -> memoryview:
 
 # ---- the shard pipeline ----
 # Each tensor becomes jobs of at most BLOCK_BYTES output bytes (rows of it, for streamable loads); worker threads
-# read, merge, cast, check and pwrite blocks at offsets fixed by the header, so reads, compute and writes of
-# different blocks overlap (torch and the os calls release the GIL). At most `workers + 2` jobs are in flight:
-# memory is bounded by workers x (largest block and its float32 intermediate), whatever the model size.
+# read, merge, check and cast them in sub-blocks of SUB_BLOCK_BYTES, and one writer thread pwrites the sub-blocks at
+# offsets fixed by the header, so reads, compute and writes overlap (torch and the os calls release the GIL). At
+# most `workers + 2` jobs are in flight and each worker cycles through ARENAS scratch arenas: memory is bounded by
+# workers x ARENAS x (a sub-block and its float32 intermediates), whatever the model or tensor size.
 BLOCK_BYTES = 16 << 20
 SUB_BLOCK_BYTES = 1536 << 10  # output bytes per compute step and pwrite: float32 intermediates stay in L3; bigger
                               # writes hold ext4's inode lock longer (the other writers spin on it)
 SUB_MIN_ROWS = 16            # fewer rows make short, slow matrix products (and lora.streamed.MIN_ROWS widens them)
 COPY_BYTES = 64 << 20     # byte-range copies (copy_file_range) need no buffer: bigger steps
-_SYNC_FILE_RANGE_WRITE = 2
+READ_AHEAD_BYTES = 128 << 20  # blocks queued (and their reads requested from the OS) ahead of the workers
+# An export much larger than memory is written "behind": once DROP_BEHIND_LAG bytes newer than a range are written,
+# the range is waited for and dropped from the page cache. Otherwise the output evicts everything else cached (the
+# inputs being read included) and the kernel reclaims pages in the writers' time: 40% of a cold 7B export's CPU.
+DROP_BEHIND_LAG = 256 << 20
+DROP_BEHIND_ABOVE = 0.25  # of physical memory
+
+
+def _physical_memory() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 1 << 62
 
 
 def default_workers() -> int:
-    """The cores for compute plus two threads that keep the disk busy while they compute."""
+    """A compute thread per core plus one, so a core stays busy while a thread waits for a read; the writes go
+    to the writer thread (_Writer)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return cores + 2
-
-
-def _libc_sync_file_range():
-    try:
-        import ctypes
-        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
-        fn.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
-        return fn
-    except (OSError, AttributeError):
-        return None
-
-
-_sync_file_range = _libc_sync_file_range()
-
-
-def _start_writeback(fd: int, offset: int, n: int) -> None:
-    """Start writing the range to disk now (async), so the fsync at the end has only the tail left."""
-    if _sync_file_range is not None and n:
-        _sync_file_range(fd, offset, n, _SYNC_FILE_RANGE_WRITE)
-
-
-def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
-    done = 0
-    while done < len(data):
-        done += os.pwrite(fd, data[done:], offset + done)
-
-
-def _copy_range(src: Path, src_off: int, fd: int, dst_off: int, n: int) -> None:
-    """Bytes of an unchanged tensor, copied by the kernel (no decode, no user-space buffer)."""
-    sfd = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        done = 0
-        while done < n:
-            try:
-                k = os.copy_file_range(sfd, fd, n - done, src_off + done, dst_off + done)
-            except OSError:  # EXDEV, ENOSYS, EINVAL on some filesystems: copy through a buffer
-                k = 0
-            if k <= 0:
-                buf = bytearray(min(n - done, BLOCK_BYTES))
-                view = memoryview(buf)
-                while done < n:
-                    m = os.preadv(sfd, [view[:min(len(view), n - done)]], src_off + done)
-                    if m <= 0:
-                        raise RlexportError("corrupt-safetensors", "file is shorter than its header says",
-                                            file=src, hint="copy it again from the training machine")
-                    _pwrite_all(fd, view[:m], dst_off + done)
-                    done += m
-                break
-            done += k
-    finally:
-        os.close(sfd)
+    return max(2, cores + 1)
 
 
 class _Opened:
     """A StreamLoader opened by the first worker that needs it (adapter factors load once per tensor) and closed
     when its last block is written (file handles and factors are released tensor by tensor)."""
 
-    def __init__(self, loader: StreamLoader, blocks: int):
+    def __init__(self, loader: StreamLoader, blocks: int, registry: list):
         self.loader, self.rows_obj, self.lock, self.left = loader, None, threading.Lock(), blocks
+        registry.append(self)  # write_shards closes what a failed export left open
 
     def get(self):
         with self.lock:
@@ -234,104 +82,40 @@ class _Opened:
     def done(self) -> None:
         with self.lock:
             self.left -= 1
-            if self.left == 0 and self.rows_obj is not None:
-                self.rows_obj.close()
-                self.rows_obj = None
-
-
-class _Out:
-    def __init__(self, path: Path, shard: Shard):
-        self.path, self.shard = path, shard
-        header = _header(shard.refs)
-        self.data_start = len(header)
-        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-        _pwrite_all(self.fd, memoryview(header), 0)
-
-    def finish(self) -> None:
-        os.fsync(self.fd)
-        self.close()
+            if self.left == 0:
+                self.close()
 
     def close(self) -> None:
-        if self.fd is not None:
-            fd, self.fd = self.fd, None
-            os.close(fd)
+        if self.rows_obj is not None:
+            self.rows_obj.close()
+            self.rows_obj = None
 
 
-class _Placed:
-    """A shard that is an input file unchanged: hard-linked (link="hard"), reflinked, or copied whole by the
-    kernel; its tensors' checks (NaN/Inf) still read every byte."""
-
-    def __init__(self, path: Path, shard: Shard, link: str):
-        self.path, self.shard, self.fd = path, shard, None
-        self.how = None
-        if link == "hard":
-            try:
-                os.link(shard.source, path)
-                self.how = "hard link"
-            except OSError:
-                pass
-        if self.how is None:
-            self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-            if _reflink(shard.source, self.fd):
-                self.how = "reflink"
-        self.size = os.stat(shard.source).st_size
-        log.info("%s: %s of %s", path.name, self.how or "copy", shard.source)
-
-    @property
-    def copies(self) -> bool:
-        return self.how is None
-
-    def finish(self) -> None:
-        if self.fd is not None:
-            os.fsync(self.fd)
-        self.close()
-
-    def close(self) -> None:
-        if self.fd is not None:
-            fd, self.fd = self.fd, None
-            os.close(fd)
-
-
-def _reflink(src: Path, dst_fd: int) -> bool:
-    if fcntl is None:
-        return False
-    try:
-        sfd = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        return False
-    try:
-        fcntl.ioctl(dst_fd, 0x40049409, sfd)  # FICLONE: share the extents, copy on write (btrfs, xfs, ...)
-        return True
-    except OSError:
-        return False
-    finally:
-        os.close(sfd)
-
-
-def _placed_jobs(out: _Placed, local: threading.local):
+def _placed_jobs(out: diskio.PlacedFile, local: threading.local, registry: list):
     data = out.shard.nbytes
     header = out.size - data
     if out.copies:
         for i in range(0, out.size, COPY_BYTES):
             n = min(COPY_BYTES, out.size - i)
             reported = max(0, min(i + n, out.size) - max(i, header))  # progress counts tensor bytes only
-            yield partial(_copy_job, out.shard.source, i, out, i, n, reported), reported
+            yield partial(_copy_job, out.shard.source, i, out, i, n, reported), reported, None
     for ref in out.shard.refs:
-        st = _stored(ref)
+        st = stored_unchanged(ref)
         if st is None:
             raise AssertionError(f"{ref.name}: planned as an unchanged tensor of {out.shard.source}")
         if not st.checks or not ref.numel:
             if not out.copies:
-                yield partial(_count, ref.nbytes), ref.nbytes
+                yield partial(_count, ref.nbytes), ref.nbytes, None
             continue
         row_bytes = row_numel(ref.shape) * ref.dtype.itemsize
         step = max(1, BLOCK_BYTES // max(1, row_bytes))
         total = n_rows(ref.shape)
-        opened = _Opened(st.file, -(-total // step))
+        opened = _Opened(st.file, -(-total // step), registry)
         for s in range(0, total, step):
             e = min(total, s + step)
             n = (e - s) * row_bytes
-            yield partial(_verify_job, opened, st.checks, s, e, 0 if out.copies else n, local), n
+            yield partial(_verify_job, opened, st.checks, s, e, 0 if out.copies else n, local), n, \
+                partial(st.file.prefetch_hint, s, e)
 
 
 def _count(n: int) -> int:
@@ -354,8 +138,8 @@ def _verify_job(opened: _Opened, checks, start: int, stop: int, reported: int, l
     return reported
 
 
-def _jobs(out: _Out, local: threading.local, writer: "_Writer"):
-    """(callable, nbytes) for every block of the shard, in file order."""
+def _jobs(out: diskio.OutFile, local: threading.local, writer: "_Writer", registry: list):
+    """(callable, nbytes, read-ahead hint or None) for every block of the shard, in file order."""
     offset = out.data_start
     for ref in out.shard.refs:
         load = ref.load
@@ -368,25 +152,25 @@ def _jobs(out: _Out, local: threading.local, writer: "_Writer"):
             src, src_off, _ = rng
             for i in range(0, ref.nbytes, COPY_BYTES):
                 n = min(COPY_BYTES, ref.nbytes - i)
-                yield partial(_copy_job, src, src_off + i, out, offset + i, n), n
+                yield partial(_copy_job, src, src_off + i, out, offset + i, n), n, None
         elif isinstance(load, StreamLoader) and load.streamable and ref.numel:
             row_bytes = row_numel(ref.shape) * ref.dtype.itemsize
             subs = _sub_blocks(n_rows(ref.shape), row_bytes)
             per_job = max(1, BLOCK_BYTES // max(1, (subs[0][1] - subs[0][0]) * row_bytes))
             groups = [subs[i:i + per_job] for i in range(0, len(subs), per_job)]
-            opened = _Opened(load, len(groups))
+            opened = _Opened(load, len(groups), registry)
             for g in groups:
                 s, e = g[0][0], g[-1][1]
                 yield (partial(_rows_job, ref, opened, g, out, offset + s * row_bytes, local, writer),
-                       (e - s) * row_bytes)
+                       (e - s) * row_bytes, partial(load.prefetch_hint, s, e))
         else:
-            yield partial(_whole_job, ref, out, offset), ref.nbytes
+            yield partial(_whole_job, ref, out, offset), ref.nbytes, None
         offset += ref.nbytes
 
 
 def _copy_job(src: Path, src_off: int, out, dst_off: int, n: int, reported: int | None = None) -> int:
-    _copy_range(src, src_off, out.fd, dst_off, n)
-    _start_writeback(out.fd, dst_off, n)
+    diskio.copy_range(src, src_off, out.fd, dst_off, n)
+    diskio.start_writeback(out.fd, dst_off, n)
     return n if reported is None else reported
 
 
@@ -399,7 +183,7 @@ def _sub_blocks(total: int, row_bytes: int) -> list[tuple[int, int]]:
     return out
 
 
-def _rows_job(ref: TensorRef, opened: _Opened, subs: list[tuple[int, int]], out: _Out, dst_off: int,
+def _rows_job(ref: TensorRef, opened: _Opened, subs: list[tuple[int, int]], out: diskio.OutFile, dst_off: int,
               local: threading.local, writer: "_Writer") -> int:
     """One block, computed in sub-blocks small enough that every stage (read, convert, merge, check, cast) works
     in the core's cache: streaming whole 16 MB blocks through each stage in turn is memory-bound and ~2x slower.
@@ -450,10 +234,13 @@ class _Writer:
     on its inode lock and the waiting ones spin (40% of the write CPU with four writers), and sync_file_range
     blocks on a full device queue: the compute threads should do neither. Items run in the order queued."""
 
-    def __init__(self) -> None:
+    def __init__(self, drop_behind: bool = False) -> None:
         self.q: queue.SimpleQueue = queue.SimpleQueue()
         self.error: BaseException | None = None
         self.aborted = False
+        self.drop_behind = drop_behind
+        self.behind: deque = deque()  # (out, offset, n) written and not yet dropped from the cache
+        self.behind_bytes = 0
         self.thread = threading.Thread(target=self._run, name="rlexport-pwrite", daemon=True)
         self.thread.start()
 
@@ -478,6 +265,23 @@ class _Writer:
     def abort(self) -> None:
         self.aborted = True
 
+    def _drop_oldest(self) -> None:
+        out, offset, n = self.behind.popleft()
+        self.behind_bytes -= n
+        if out.fd is not None and not self.aborted:
+            diskio.drop_cached(out.fd, offset, n)
+
+    def forget(self, out) -> None:
+        """Before `out` is fsynced and closed (writer thread): drop what is still pending for it."""
+        keep = deque()
+        while self.behind:
+            item = self.behind.popleft()
+            if item[0] is out:
+                self.behind_bytes -= item[2]
+            else:
+                keep.append(item)
+        self.behind = keep
+
     def close(self) -> None:
         self.q.put(None)
         self.thread.join()
@@ -492,8 +296,13 @@ class _Writer:
                 if out is None:
                     data()
                 elif self.error is None and not self.aborted:
-                    _pwrite_all(out.fd, data, offset)
-                    _start_writeback(out.fd, offset, len(data))
+                    diskio.pwrite_all(out.fd, data, offset)
+                    diskio.start_writeback(out.fd, offset, len(data))
+                    if self.drop_behind:
+                        self.behind.append((out, offset, len(data)))
+                        self.behind_bytes += len(data)
+                        while self.behind_bytes > DROP_BEHIND_LAG:
+                            self._drop_oldest()
             except BaseException as e:  # reported to the workers and to write_shards
                 self.error = self.error or e
             finally:
@@ -501,10 +310,10 @@ class _Writer:
                     done()
 
 
-def _whole_job(ref: TensorRef, out: _Out, dst_off: int) -> int:
+def _whole_job(ref: TensorRef, out: diskio.OutFile, dst_off: int) -> int:
     data = _bytes_of(ref.load(), ref)
-    _pwrite_all(out.fd, data, dst_off)
-    _start_writeback(out.fd, dst_off, len(data))
+    diskio.pwrite_all(out.fd, data, dst_off)
+    diskio.start_writeback(out.fd, dst_off, len(data))
     return len(data)
 
 
@@ -535,15 +344,24 @@ def write_shards(items: list[tuple[Path, Shard]], on_bytes: Callable[[int], None
     window = workers + 2
     local = threading.local()
     outs: list = []
+    opened: list[_Opened] = []
     with _one_torch_thread_each(), ThreadPoolExecutor(workers, thread_name_prefix="rlexport-write") as pool:
-        writer = _Writer()
+        total = sum(shard.nbytes for _, shard in items)
+        writer = _Writer(drop_behind=total > DROP_BEHIND_ABOVE * _physical_memory())
         inflight: deque = deque()  # (future, the shard it completes or None), in submission order
         finishing: list[Future] = []
 
         def finish(out) -> None:  # after the shard's last write: fsync it on a worker, the writer goes on
-            writer.call(lambda: finishing.append(pool.submit(out.finish)))
+            def hand_over() -> None:
+                writer.forget(out)
+                finishing.append(pool.submit(out.finish, writer.drop_behind) if isinstance(out, diskio.OutFile)
+                                 else pool.submit(out.finish))
+            writer.call(hand_over)
+
+        queued: deque = deque()  # bytes of the jobs in `inflight`, same order
 
         def settle() -> None:
+            queued.popleft()
             fut, last_of = inflight.popleft()
             n = fut.result()
             if on_bytes and n:
@@ -554,19 +372,23 @@ def write_shards(items: list[tuple[Path, Shard]], on_bytes: Callable[[int], None
         try:
             for path, shard in items:
                 if shard.source is not None and link != "copy":
-                    out = _Placed(path, shard, link)
-                    jobs = _placed_jobs(out, local)
+                    out = diskio.PlacedFile(path, shard, link)
+                    jobs = _placed_jobs(out, local, opened)
                 else:
-                    out = _Out(path, shard)
-                    jobs = _jobs(out, local, writer)
+                    out = diskio.OutFile(path, shard)
+                    jobs = _jobs(out, local, writer, opened)
                 outs.append(out)
                 pending = None
-                for job, _ in jobs:
+                for job, nbytes, hint in jobs:
                     if pending is not None:
                         inflight.append((pool.submit(pending), None))
                     pending = job
-                    while len(inflight) >= window:
+                    # queued jobs hold no memory: queue up to READ_AHEAD_BYTES of them, their reads requested now
+                    while len(inflight) >= window and sum(queued) >= READ_AHEAD_BYTES or len(inflight) >= 64:
                         settle()
+                    queued.append(nbytes)
+                    if hint is not None:
+                        hint()
                 if pending is not None:
                     inflight.append((pool.submit(pending), out))
                 else:
@@ -592,230 +414,9 @@ def write_shards(items: list[tuple[Path, Shard]], on_bytes: Callable[[int], None
                 f.cancel()
     for out in outs:  # after the pool has stopped: no fsync can be running on them
         out.close()
+    for o in opened:  # tensors whose last block never ran (an error stopped the export)
+        o.close()
 
 
 def write_shard(path: Path, shard: Shard, on_bytes: Callable[[int], None] | None = None) -> None:
     write_shards([(path, shard)], on_bytes)
-
-
-def write_index(folder: Path, shards: list[Shard]) -> None:
-    # Always an index, even for one shard: vLLM then loads only the files it names.
-    index = {"metadata": {"total_size": sum(s.nbytes for s in shards)},
-             "weight_map": {r.name: s.filename for s in shards for r in s.refs}}
-    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-
-
-def fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-# ---- signals: the few steps that must not be cut in half ----
-# The CLI turns SIGINT/SIGTERM into KeyboardInterrupt, except inside these sections, where it only records the
-# signal: taking the --out lock (replayed right after, so the lock is released on the way out), the renames of
-# a commit (stopping between them would hide the old export and not show the new one; it completes) and the
-# removal of a temporary folder after a failure (an exception is already on its way out).
-_critical = 0
-deferred_signals: list[int] = []
-
-
-@contextmanager
-def uninterruptible(*, replay: bool = False):
-    global _critical
-    _critical += 1
-    try:
-        yield
-    finally:
-        _critical -= 1
-    if replay and _critical == 0 and deferred_signals:
-        sig = deferred_signals[-1]
-        deferred_signals.clear()
-        os.kill(os.getpid(), sig)  # now outside the section: the CLI's handler raises KeyboardInterrupt
-
-
-def in_uninterruptible() -> bool:
-    return _critical > 0
-
-
-class OutLock:
-    """One export at a time per --out: an flock on `.<out>.rlexport-lock` beside it, taken without waiting.
-
-    The lock file is removed on release; a lock taken on a file that was removed meanwhile is retried, so two
-    processes never both hold it. The kernel drops the lock of a killed process."""
-
-    def __init__(self, out: Path):
-        self.out = out
-        self.path = out.parent / f".{out.name}{LOCK_MARK}"
-        self.fd: int | None = None
-
-    def __enter__(self) -> "OutLock":
-        try:
-            with uninterruptible(replay=True):
-                self._acquire()
-        except BaseException:
-            self.__exit__()
-            raise
-        return self
-
-    def _acquire(self) -> None:
-        while True:
-            try:
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-            except OSError as e:
-                raise output_error(self.out, e) from None
-            if fcntl is None:
-                break
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError as e:
-                holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
-                os.close(fd)
-                if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                    who = f" (pid {holder})" if holder.isdigit() else ""
-                    raise RlexportError("out-locked", f"another export{who} is writing this output folder now",
-                                        file=self.out, hint="wait for it to finish, or choose another --out") from None
-                log.warning("cannot lock %s (%s): concurrent exports to it are not detected", self.path, e.strerror)
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-                break
-            try:
-                if os.stat(self.path).st_ino == os.fstat(fd).st_ino:
-                    break
-            except FileNotFoundError:
-                pass
-            os.close(fd)  # the holder before us removed the file after we opened it: lock the new one
-        self.fd = fd
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-
-    def __exit__(self, *exc) -> None:
-        if self.fd is not None:
-            try:
-                os.unlink(self.path)  # while still holding it (see the class doc)
-            except OSError:
-                pass
-            os.close(self.fd)
-            self.fd = None
-
-
-def remove_stale(out: Path) -> list[Path]:
-    """Remove what killed exports to `out` left (call it holding OutLock(out): then nothing else is writing)."""
-    removed = []
-    for p in stale_temporaries(out):
-        shutil.rmtree(p, ignore_errors=True)
-        removed.append(p)
-        log.warning("removed %s: the unfinished export of an interrupted run (the output was never touched)", p)
-    return removed
-
-
-def output_error(out: Path, e: OSError) -> RlexportError:
-    """An OSError met while writing the export, as the error the user can act on."""
-    where = e.filename if isinstance(e.filename, str) else out
-    if where is not out and not os.path.abspath(where).startswith(os.path.join(os.path.abspath(out.parent), "")):
-        return RlexportError("unreadable-file", f"cannot read: {e.strerror or e}", file=where,
-                             hint="check the file and its permissions")  # an input copied into the export
-    if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-        return RlexportError("disk-full", f"the output disk is full or the file size limit was hit ({e.strerror})",
-                             file=where, hint="free space (the export needs about the size of the model) or "
-                                              "choose an --out on another disk; nothing was written")
-    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        return RlexportError("out-unwritable", f"cannot write: {e.strerror}", file=where,
-                             hint="choose an --out in a folder you can write to")
-    return RlexportError("write-failed", f"could not write the export: {e.strerror or e}", file=where,
-                         hint="check the output disk; nothing was written")
-
-
-class AtomicFolder:
-    """Write into a hidden temporary folder beside `out`, then rename it into place in one step.
-
-    Holds OutLock(out) throughout, and removes the temporaries of killed exports to `out` first. On any exception
-    (Ctrl-C included) the temporary folder, the lock and any parent folders it created are removed and `out` is
-    untouched; OSErrors (disk full...) become RlexportErrors.
-    """
-
-    def __init__(self, out: Path, *, force: bool):
-        self.out = out
-        self.force = force
-        self.tmp = out.parent / f".{out.name}{TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        self.lock = OutLock(out)
-        self.made: list[Path] = []  # parents of out this export created, deepest first
-
-    def __enter__(self) -> Path:
-        try:
-            for p in [self.out.parent, *self.out.parent.parents]:
-                if p.exists():
-                    break
-                self.made.append(p)
-            try:
-                self.out.parent.mkdir(parents=True, exist_ok=True)
-            except OSError as e:
-                raise output_error(self.out, e) from None
-            self.lock.__enter__()
-            remove_stale(self.out)
-            try:
-                self.tmp.mkdir()
-            except OSError as e:
-                raise output_error(self.out, e) from None
-        except BaseException:
-            self._undo()
-            raise
-        return self.tmp
-
-    def _undo(self) -> None:
-        with uninterruptible():
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            self.lock.__exit__()
-            for p in self.made:
-                try:
-                    p.rmdir()
-                except OSError:
-                    break
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None:
-            self._undo()
-            if isinstance(exc, OSError):
-                raise output_error(self.out, exc) from None
-            return
-        try:
-            with uninterruptible():
-                self._commit()
-        except OSError as e:
-            self._undo()
-            raise output_error(self.out, e) from None
-        except BaseException:
-            self._undo()
-            raise
-        self.lock.__exit__()
-
-    def _commit(self) -> None:
-        for p in self.tmp.iterdir():
-            if p.is_file():
-                with open(p, "rb") as f:
-                    os.fsync(f.fileno())
-        fsync_dir(self.tmp)
-        old = None
-        if self.out.exists():
-            if not self.force and any(self.out.iterdir()):
-                raise RlexportError("out-exists", "output folder appeared during export", file=self.out,
-                                    hint="another export wrote it; pass --force to replace it")
-            old = self.out.parent / f".{self.out.name}{TMP_MARK}old-{uuid.uuid4().hex[:8]}"
-            os.rename(self.out, old)
-        try:
-            os.rename(self.tmp, self.out)
-        except OSError as e:
-            if old is not None:
-                os.rename(old, self.out)
-            raise RlexportError("out-exists", f"could not move the export into place ({e.strerror})",
-                                file=self.out, hint="another process is writing there; try again") from None
-        fsync_dir(self.out.parent)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-
-
-def stale_temporaries(out: Path) -> Iterator[Path]:
-    """Temporary folders left by killed exports to the same --out."""
-    if out.parent.is_dir():
-        yield from (p for p in out.parent.glob(f".{out.name}{TMP_MARK}*") if p.is_dir())

@@ -24,7 +24,7 @@ from ..tensors import FLOATS, TensorRef
 from . import deltas
 from .config import token_indices
 from .read import Adapter, Update
-from .streamed import LowRankMerge, Term
+from .streamed import Dora, LowRankMerge, Term
 from .streamed import delta as low_rank_delta
 
 log = logging.getLogger("rlexport")
@@ -59,7 +59,7 @@ class Merge:
         self.order = [r.name for r in refs]
         self.source: dict[str, TensorRef] = {}   # trained replacements of base tensors
         self.copies: dict[str, TensorRef] = {}   # tied only: a side with its own modules_to_save copy
-        self.ops: dict[str, list[Op | Term]] = {}
+        self.ops: dict[str, list[Op | Term | Dora]] = {}
         self.params_taken: set[tuple[str, str]] = set()  # (module, parameter) given to a target_parameters LoRA
         _check_base(self.base_config, adapter)
         self._check_tying()
@@ -91,7 +91,7 @@ class Merge:
         name = self.stored(name)
         return tuple(self.source.get(name, self.base[name]).shape)
 
-    def add(self, name: str, op: Op | Term) -> None:
+    def add(self, name: str, op: Op | Term | Dora) -> None:
         self.ops.setdefault(name, []).append(op)
 
     def fan_in_fan_out(self, module: str, base: tuple[int, ...], out_in: tuple[int, int]) -> bool:
@@ -129,7 +129,9 @@ class Merge:
             self.add(t, (a, b, s, fifo))
         elif tuple(m.shape) != (out,):
             raise mismatch(f"{u.module}: DoRA magnitude has shape {list(m.shape)}, expected [{out}]", self.adapter)
-        else:
+        elif not fifo:
+            self.add(t, Dora((a, b, s, False), m))  # streamed by row blocks (lora/streamed.py)
+        else:  # Conv1D weights [in, out]: the norm runs along the stored columns, merged whole
             self.add(t, lambda w: deltas.dora_linear(w, deltas.linear_delta(fp32(a), fp32(b), s, fifo), fp32(m),
                                                      fifo))
         if "bias" in u.tensors:
@@ -207,8 +209,8 @@ class Merge:
         if src.dtype not in FLOATS:
             raise RlexportError("quantized-base", f"{stored} is stored as {src.dtype}, not a float", file=src.origin,
                                 hint="pass --base the full-precision model; adapters merge into float weights")
-        if all(isinstance(op, tuple) for op in ops):
-            # plain LoRA: the writer may stream the base in row blocks through the delta (bit-identical to PEFT)
+        if all(isinstance(op, (tuple, Dora)) for op in ops):
+            # LoRA and DoRA: the writer may stream the base in row blocks through the deltas (bit-identical to PEFT)
             return dataclasses.replace(src, load=LowRankMerge(src.load, ops, src.shape), dtype=torch.float32)
 
         def merged(w: torch.Tensor) -> torch.Tensor:
@@ -216,6 +218,8 @@ class Merge:
             for op in ops:
                 if isinstance(op, tuple):
                     w.add_(low_rank_delta(op))
+                elif isinstance(op, Dora):
+                    w = deltas.dora_linear(w, low_rank_delta(op.term), fp32(op.magnitude), False)
                 else:
                     w = op(w)
             return w

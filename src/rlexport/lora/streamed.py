@@ -11,14 +11,24 @@ whole delta where that fails, and for transposed terms), then scaled and added i
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
 from ..stream import Rows, Scratch, StreamLoader
 from ..tensors import TensorRef
+from . import deltas
 
 Term = tuple[TensorRef, TensorRef, float, bool]  # lora_A [r, in], lora_B [out, r], scaling, transposed
+
+
+@dataclass(frozen=True)
+class Dora:
+    """A DoRA update of a Linear weight [out, in]: m / ||W + dW||_row * (W + dW) (peft DoraLinearVariant.merge).
+    The norm is per output row, so it streams by row blocks like a plain delta."""
+    term: Term  # never transposed (fan_in_fan_out DoRA normalizes columns: merged whole, lora/apply.py)
+    magnitude: TensorRef  # [out]
 
 
 def delta(term: Term) -> torch.Tensor:
@@ -44,7 +54,10 @@ class LowRankMerge(StreamLoader):
             return super().__call__()
         w = self.base().to(torch.float32, copy=True)  # never add into a tensor the loader may share
         for term in self.terms:
-            w.add_(delta(term))
+            if isinstance(term, Dora):
+                w = deltas.dora_linear(w, delta(term.term), term.magnitude.load().to(torch.float32), False)
+            else:
+                w.add_(delta(term))
         return w
 
 
@@ -53,22 +66,28 @@ class LowRankMerge(StreamLoader):
 # 1-3 rows with MKL on AVX2, take a gemv-like path that sums in another order). That is checked once per process
 # and (r, in) shape by `blocks_match_whole`; where it fails the delta is computed whole instead. Row blocks keep
 # memory flat in model size: a whole float32 delta is the tensor's size (272 MB for a 7B MLP weight).
+# A transposed delta ((B @ A).T: embeddings, Conv1D) has rows A.T[rows] @ B.T: the same products, summed by the
+# kernel for the transposed problem; whether that equals the whole product bit for bit is checked the same way.
 MIN_ROWS = 16
-_MATCH: dict[tuple[int, int], bool] = {}
+_MATCH: dict[tuple[int, int, bool], bool] = {}
 
 
-def blocks_match_whole(r: int, n_in: int) -> bool:
-    key = (r, n_in)
+def blocks_match_whole(r: int, n_in: int, transposed: bool = False) -> bool:
+    key = (r, n_in, transposed)
     if key not in _MATCH:
         g = torch.Generator().manual_seed(0)
         m = 4 * MIN_ROWS + 5
-        b, a = torch.randn(m, r, generator=g), torch.randn(r, n_in, generator=g)
-        whole = b @ a
+        if transposed:  # PEFT: (B [n_in, r] @ A [r, m]).T; rows: A.T[rows] @ B.T
+            b_t, a = torch.randn(n_in, r, generator=g), torch.randn(r, m, generator=g)
+            whole, left, right = (b_t @ a).T, a.T.contiguous(), b_t.T.contiguous()
+        else:
+            left, right = torch.randn(m, r, generator=g), torch.randn(r, n_in, generator=g)
+            whole = left @ right
         ok = True
         for step in (MIN_ROWS, MIN_ROWS + 3, 2 * MIN_ROWS + 1, m - MIN_ROWS):
             for lo in range(0, m, step):
                 lo, hi = _span(lo, min(m, lo + step), m)
-                ok = ok and torch.equal(b[lo:hi] @ a, whole[lo:hi])
+                ok = ok and torch.equal(left[lo:hi] @ right, whole[lo:hi])
         _MATCH[key] = ok
     return _MATCH[key]
 
@@ -110,17 +129,25 @@ class _Rows(Rows):
     def __init__(self, spec: LowRankMerge):
         self.inner = spec.base.open()
         self.n = spec.shape[0]
-        self.terms: list = []  # (b [out, r], a [r, in] float32, s, s is a power of two, fused add) or a delta
+        self.terms: list = []  # (left [out, r], right [r, in] float32, s, s is a power of two, fused add) or a delta
+        self.magnitudes: list = []  # per term: the DoRA magnitude [out] in float32, or None
         try:
             for t in spec.terms:
+                m = t.magnitude.load().to(torch.float32) if isinstance(t, Dora) else None
+                t = t.term if isinstance(t, Dora) else t
                 a, b, s, transposed = t
-                if not transposed and blocks_match_whole(a.shape[0], a.shape[1]):
-                    pow2 = s > 0 and math.frexp(s)[0] == 0.5
-                    fused = pow2 and fused_matches(a.shape[0], a.shape[1], s)
+                pow2 = s > 0 and math.frexp(s)[0] == 0.5
+                if transposed and blocks_match_whole(a.shape[0], b.shape[0], True):
+                    # rows of (B @ A).T are A.T[rows] @ B.T: the same product code path with the factors swapped
+                    self.terms.append((a.load().to(torch.float32).T.contiguous(),
+                                       b.load().to(torch.float32).T.contiguous(), s, pow2, False))
+                elif not transposed and blocks_match_whole(a.shape[0], a.shape[1]):
+                    fused = pow2 and m is None and fused_matches(a.shape[0], a.shape[1], s)
                     self.terms.append((b.load().to(torch.float32).contiguous(),
                                        a.load().to(torch.float32).contiguous(), s, pow2, fused))
                 else:
                     self.terms.append(delta(t))
+                self.magnitudes.append(m)
         except BaseException:
             self.inner.close()
             raise
@@ -129,24 +156,29 @@ class _Rows(Rows):
         w = self.inner.rows(start, stop, scratch)
         if w.dtype != torch.float32:
             w = scratch.take(torch.float32, tuple(w.shape)).copy_(w)
-        for t in self.terms:
+        for t, m in zip(self.terms, self.magnitudes):
             if isinstance(t, torch.Tensor):
                 w.add_(t[start:stop])
-                continue
-            b, a, s, pow2, fused = t
-            lo, hi = _span(start, stop, self.n)
-            if fused and (lo, hi) == (start, stop):
-                w.addmm_(b[lo:hi], a, alpha=s)  # = w + (B @ A)[rows] * s, bit for bit (see fused_matches)
-                continue
-            d = scratch.take(torch.float32, (hi - lo, a.shape[1]))
-            torch.mm(b[lo:hi], a, out=d)  # the rows of PEFT's B @ A, bit for bit (see MIN_ROWS)
-            d = d[start - lo:stop - lo]
-            if pow2:  # d * s is exact: one rounding either way, and one pass fewer
-                w.add_(d, alpha=s)
             else:
-                w.add_(d.mul_(s))
+                self._add_product(w, t, start, stop, scratch)
+            if m is not None:  # DoRA: w is now W + dW; scale each row to its magnitude (deltas.dora_linear)
+                w.mul_((m[start:stop] / torch.linalg.norm(w, dim=1)).view(-1, 1))
         return w
+
+    def _add_product(self, w: torch.Tensor, t: tuple, start: int, stop: int, scratch: Scratch) -> None:
+        b, a, s, pow2, fused = t
+        lo, hi = _span(start, stop, self.n)
+        if fused and (lo, hi) == (start, stop):
+            w.addmm_(b[lo:hi], a, alpha=s)  # = w + (B @ A)[rows] * s, bit for bit (see fused_matches)
+            return
+        d = scratch.take(torch.float32, (hi - lo, a.shape[1]))
+        torch.mm(b[lo:hi], a, out=d)  # the rows of PEFT's B @ A, bit for bit (see MIN_ROWS)
+        d = d[start - lo:stop - lo]
+        if pow2:  # d * s is exact: one rounding either way, and one pass fewer
+            w.add_(d, alpha=s)
+        else:
+            w.add_(d.mul_(s))
 
     def close(self) -> None:
         self.inner.close()
-        self.terms = []
+        self.terms, self.magnitudes = [], []

@@ -1,150 +1,27 @@
-"""diagnose(): the findings behind `rlexport inspect`. Each check is a small function in CHECKS.
-
-A check takes the opened Source and the Facts gathered once (tensor value scan, tokenizer size) and returns
-Findings. Reading tensor bytes is bounded: placeholders come from headers; NaN/Inf and float16 range need a
-streamed scan, on by default up to SCAN_LIMIT_BYTES (`--scan` forces it, `--no-scan` skips it).
-When the checkpoint cannot be opened for a reason the user can fix (no adapter_config.json, unresolved base,
-unsupported PEFT type, ZeRO-3 placeholders in the adapter) inspect still answers, from the files alone.
-"""
+"""The checks behind `rlexport inspect`: each takes the Source and the Facts and returns Findings."""
 from __future__ import annotations
 
-import importlib.util
-import math
 from collections import Counter
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable
 
 import torch
 
-from . import __version__, archs
-from .errors import RlexportError
-from .findings import Finding
-from .folder import token_id, tokenizer_eos_id
-from .formats import Source
-from .formats.common import json_or_empty
-from .tensors import FLOATS, TensorRef, dtype_name
-from .transforms import clean_name
-
-SCHEMA = "rlexport.inspect/1"
-SCAN_LIMIT_BYTES = 2_000_000_000
-FP16_MAX = 65504.0
-OPTIMIZER_FILES = ("optimizer.pt", "optimizer.bin", "scheduler.pt", "scaler.pt", "rng_state.pth")
-VHEAD_ERROR = "ValueError: There is no module or parameter named 'v_head' in {arch}"
-# open_checkpoint errors inspect turns into a finding instead of stopping (code -> finding code)
-PARTIAL = {"adapter-without-config": "adapter-without-config", "base-unresolved": "base-unresolved",
-           "unsupported-peft-type": "unsupported-peft-type", "unsupported-lora-variant": "unsupported-peft-type",
-           "unsupported-lora-init": "unsupported-peft-type", "adapter-rank-mismatch": "zero3-placeholder",
-           "empty-adapter": "zero3-placeholder", "adapter-base-mismatch": "base-shape-mismatch",
-           "base-shape-mismatch": "base-shape-mismatch"}
+from .. import archs
+from ..findings import Finding
+from ..folder import token_id, tokenizer_eos_id
+from ..formats import Source
+from ..formats.common import json_or_empty
+from ..tensors import FLOATS
+from ..transforms import clean_name
+from .facts import (VHEAD_ERROR, all_refs, arch_of, architecture_known, export_cmd, Facts,
+                    gather, names_of, optimizer_files)
 
 
-@dataclass
-class Facts:
-    """What the checks share: computed once per inspect."""
-
-    scanned: bool = False
-    nonfinite: list[str] = field(default_factory=list)
-    overflow: list[str] = field(default_factory=list)
-    peak: float = 0.0
-    tokenizer_size: int | None = None
-    embedding_rows: int | None = None
-
-
-def _arch(src: Source) -> str:
-    return (src.config.get("architectures") or ["?"])[0]
-
-
-def _export_cmd(src: Source, extra: str = "") -> str:
-    return f"rlexport export {src.path} --out OUT{extra}"
-
-
-def _names(refs) -> tuple[str, ...]:
-    return tuple(r.name for r in refs)[:5]
-
-
-def _all_refs(src: Source) -> list[TensorRef]:
-    refs = list(src.weights) + list(src.value_head)
-    if src.adapter is not None:
-        for u in getattr(src.adapter, "updates", ()):
-            refs += list(u.tensors.values())
-        refs += list(src.adapter.full.values())
-    return refs
-
-
-# --- facts -------------------------------------------------------------------------------------------------------
-def scan_values(refs: list[TensorRef]) -> tuple[list[str], list[str], float]:
-    """Stream every float tensor once: names holding NaN/Inf, names beyond float16's range, the largest |x|."""
-    nonfinite, overflow, peak = [], [], 0.0
-    for ref in refs:
-        if ref.dtype not in FLOATS or ref.numel == 0:
-            continue
-        lo, hi = (float(x) for x in torch.aminmax(ref.load()))  # NaN propagates, Inf shows
-        if not (math.isfinite(lo) and math.isfinite(hi)):
-            nonfinite.append(ref.name)
-            continue
-        top = max(abs(lo), abs(hi))
-        peak = max(peak, top)
-        if top > FP16_MAX and ref.dtype != torch.float16:
-            overflow.append(ref.name)
-    return nonfinite, overflow, peak
-
-
-def tokenizer_size(folder: Path | None) -> int | None:
-    """len(tokenizer) from tokenizer.json / vocab.json without loading a tokenizer library (None if unknown)."""
-    if folder is None:
-        return None
-    tj = json_or_empty(folder / "tokenizer.json")
-    ids: list[int] = [int(t["id"]) for t in tj.get("added_tokens", []) if "id" in t]
-    vocab = tj.get("model", {}).get("vocab")
-    if isinstance(vocab, dict):
-        ids += [int(v) for v in vocab.values()]
-    elif isinstance(vocab, list):
-        ids.append(len(vocab) - 1)
-    elif (folder / "vocab.json").is_file():
-        ids += [int(v) for v in json_or_empty(folder / "vocab.json").values()]
-    ids += [int(k) for k in json_or_empty(folder / "tokenizer_config.json").get("added_tokens_decoder", {})]
-    return max(ids) + 1 if ids else None
-
-
-def embedding_rows(src: Source) -> int | None:
-    emb, _ = archs.embedding_pair(src.config)
-    if src.adapter is not None:
-        for name, ref in src.adapter.full.items():
-            if name == emb and len(ref.shape) == 2:
-                return ref.shape[0]
-    for r in src.weights:
-        if clean_name(r.name) == emb and len(r.shape) == 2:
-            return r.shape[0]
-    return None
-
-
-def _package_file(package: str, *parts: str) -> Path | None:
-    # find_spec on a top-level name does not import it (importing transformers costs ~10 s)
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    f = Path(list(spec.submodule_search_locations)[0]).joinpath(*parts)
-    return f if f.is_file() else None
-
-
-def architecture_known(arch: str, package: str = "transformers") -> bool | None:
-    """Whether transformers (or vLLM) names this class in its registry; None when the package is absent.
-
-    Reads the registry module's text instead of importing it: every class name is a string literal there.
-    """
-    where = {"transformers": ("models", "auto", "modeling_auto.py"),
-             "vllm": ("model_executor", "models", "registry.py")}[package]
-    f = _package_file(package, *where)
-    return None if f is None else f'"{arch}"' in f.read_text(errors="replace")
-
-
-# --- checks ------------------------------------------------------------------------------------------------------
 def check_stage(src: Source, facts: Facts) -> list[Finding]:
     if src.stage == "rm":
         return [Finding("reward-model", "info", "reward-model (stage rm) checkpoint: the LM head is untrained",
                         "served as a causal LM it would generate from the base's head",
-                        _export_cmd(src, " --target value"))]
+                        export_cmd(src, " --target value"))]
     return []
 
 
@@ -157,13 +34,13 @@ def check_value_head(src: Source, facts: Facts) -> list[Finding]:
     indexed = (src.path / "model.safetensors.index.json").is_file()
     if src.kind == "hf" and f is not None and (inside or (f.suffix == ".safetensors" and not indexed)):
         # without an index vLLM loads every *.safetensors in the folder, value_head.safetensors included
-        engine = f"vLLM: {VHEAD_ERROR.format(arch=_arch(src))}"
+        engine = f"vLLM: {VHEAD_ERROR.format(arch=arch_of(src))}"
     else:
         engine = "vLLM and transformers ignore it: the value model is lost unless exported with --target value"
     role = "reward" if src.stage == "rm" else "value"
     return [Finding("value-head-present", "warning", f"a TRL/LLaMA-Factory {role} head (v_head.summary) is {where}",
-                    engine, f"{_export_cmd(src)} (policy) and {_export_cmd(src, ' --target value')}",
-                    str(f or ""), _names(src.value_head))]
+                    engine, f"{export_cmd(src)} (policy) and {export_cmd(src, ' --target value')}",
+                    str(f or ""), names_of(src.value_head))]
 
 
 def check_adapter(src: Source, facts: Facts) -> list[Finding]:
@@ -174,12 +51,12 @@ def check_adapter(src: Source, facts: Facts) -> list[Finding]:
                    f"{len(a.modules)} modules) is not merged; base: {src.base_dir}",
                    f"vLLM: '{src.path}' has no config.json, so it cannot be served as a model; runtime LoRA needs "
                    f"--enable-lora --max-lora-rank {max(16, a.rank)} and the base",
-                   _export_cmd(src), str(a.path))]
+                   export_cmd(src), str(a.path))]
     if a.full:
         out.append(Finding("adapter-full-modules", "info", f"the adapter carries {len(a.full)} full tensors "
                            f"(modules_to_save / embeddings): {', '.join(list(a.full)[:3])}",
                            "vLLM's runtime LoRA: modules_to_save other than classifier/score are rejected",
-                           _export_cmd(src), str(a.path), tuple(a.full)))
+                           export_cmd(src), str(a.path), tuple(a.full)))
     return out
 
 
@@ -225,19 +102,19 @@ def check_dtype(src: Source, facts: Facts) -> list[Finding]:
     return [Finding("fp32-weights", "warning", "weights are float32 (the trainer's upcast), twice the size",
                     "vLLM --dtype auto serves float32 checkpoints in a 16-bit dtype it picks (float16 for pooling "
                     "models), which can overflow",
-                    _export_cmd(src, " (writes the base's 16-bit dtype; --dtype bfloat16 to choose)"))]
+                    export_cmd(src, " (writes the base's 16-bit dtype; --dtype bfloat16 to choose)"))]
 
 
 def check_values(src: Source, facts: Facts) -> list[Finding]:
     out = []
-    empty = [r for r in _all_refs(src) if r.numel == 0 and r.dtype in FLOATS]
+    empty = [r for r in all_refs(src) if r.numel == 0 and r.dtype in FLOATS]
     if empty:
         out.append(Finding("zero3-placeholder", "error", f"{len(empty)} tensors are empty [0]-shaped placeholders "
                            "(DeepSpeed ZeRO-3 saved without gathering the weights)",
                            f"vLLM/transformers: ValueError: Trying to set a tensor of shape torch.Size([0]) in "
                            f"\"weight\" ... this looks incorrect (or size mismatch for {clean_name(empty[0].name)})",
                            "rlexport reads the fp32 partitions in global_stepN/ directly: rlexport export "
-                           f"{src.path} --out OUT --tag global_stepN (no DeepSpeed needed)", empty[0].origin, _names(empty)))
+                           f"{src.path} --out OUT --tag global_stepN (no DeepSpeed needed)", empty[0].origin, names_of(empty)))
     if not facts.scanned:
         total = sum(r.nbytes for r in src.weights)
         out.append(Finding("values-not-scanned", "info", f"tensor values were not read ({total / 1e9:.1f} GB): "
@@ -256,7 +133,7 @@ def check_values(src: Source, facts: Facts) -> list[Finding]:
                            f"range (|x| up to {facts.peak:.4g} > 65504)",
                            "served in float16 (vLLM --dtype half, or auto on GPUs without bf16) they become Inf: "
                            "NaN logits, '!!!!' output",
-                           _export_cmd(src, " --dtype bfloat16 (never float16)"), "", tuple(facts.overflow)))
+                           export_cmd(src, " --dtype bfloat16 (never float16)"), "", tuple(facts.overflow)))
     return out
 
 
@@ -269,7 +146,7 @@ def check_vocab(src: Source, facts: Facts) -> list[Finding]:
                            f"vLLM: AssertionError in VocabParallelEmbedding.weight_loader (rows != org_vocab_size); "
                            f"transformers: size mismatch for model.embed_tokens.weight "
                            f"([{rows}, …] vs [{vocab}, …])",
-                           _export_cmd(src) + " (writes vocab_size = embedding rows)"))
+                           export_cmd(src) + " (writes vocab_size = embedding rows)"))
     if rows is not None and tok is not None and tok > rows:
         out.append(Finding("tokenizer-exceeds-embedding", "error", f"the tokenizer has {tok} tokens but the "
                            f"embedding only {rows} rows",
@@ -291,7 +168,7 @@ def check_ties(src: Source, facts: Facts) -> list[Finding]:
             return [Finding("tied-embeddings-split", "warning", f"the base ties {head} to {emb} but the adapter "
                             f"trains its own copy of {', '.join(touched)}",
                             "vLLM skips lm_head.weight when config.json ties it: the trained side is dropped "
-                            "silently", _export_cmd(src) + " (unties and writes tie_word_embeddings: false)",
+                            "silently", export_cmd(src) + " (unties and writes tie_word_embeddings: false)",
                             str(src.adapter.path), tuple(touched))]
         return []
     if tied and emb in names and head in names and src.stage != "rm":
@@ -300,13 +177,13 @@ def check_ties(src: Source, facts: Facts) -> list[Finding]:
             return [Finding("tied-embeddings-split", "warning", f"config.json ties {head} to {emb}, but the "
                             f"stored {head} differs from it", "vLLM skips lm_head.weight for tied models "
                             "(AutoWeightsLoader) and transformers re-ties it on load: the trained head is replaced "
-                            "by the embedding, silently", _export_cmd(src) + " (writes tie_word_embeddings: false)",
+                            "by the embedding, silently", export_cmd(src) + " (writes tie_word_embeddings: false)",
                             h.origin, (head,))]
     if not tied and emb in names and head not in names and src.stage != "rm":
         return [Finding("lm-head-missing", "error", f"config.json unties the output layer but no {head} is stored",
                         f"vLLM: ValueError: Following weights were not initialized from checkpoint: {{'{head}'}}; "
                         f"transformers: {head} MISSING (newly initialized at random)",
-                        _export_cmd(src) + " (re-ties it: tie_word_embeddings: true)")]
+                        export_cmd(src) + " (re-ties it: tie_word_embeddings: true)")]
     return []
 
 
@@ -329,7 +206,7 @@ def check_files(src: Source, facts: Facts) -> list[Finding]:
     if not gen_dirs:
         out.append(Finding("missing-generation-config", "info", "no generation_config.json",
                            "vLLM builds one from config.json: only its eos_token_id stops generation",
-                           _export_cmd(src) + " (writes one with every eos id)"))
+                           export_cmd(src) + " (writes one with every eos id)"))
     eos = tokenizer_eos_id(src)
     eos_token = json_or_empty(tdir / "tokenizer_config.json").get("eos_token")
     if eos is None and (eos_token is None or token_id(tdir, eos_token) is None):
@@ -343,12 +220,12 @@ def check_files(src: Source, facts: Facts) -> list[Finding]:
         out.append(Finding("eos-mismatch", "warning", f"the tokenizer's eos (id {eos}, from {tdir.name}/) is not in "
                            f"generation_config's eos_token_id {gen_eos}",
                            "vLLM stops on both, transformers generate() only on generation_config's: a turn may "
-                           "not end", _export_cmd(src) + " (lists both ids)"))
+                           "not end", export_cmd(src) + " (lists both ids)"))
     return out
 
 
 def check_architecture(src: Source, facts: Facts) -> list[Finding]:
-    arch = _arch(src)
+    arch = arch_of(src)
     auto_map = src.config.get("auto_map")
     if auto_map:
         files = sorted({str(v).split(".")[0] + ".py" for v in (auto_map.values() if isinstance(auto_map, dict)
@@ -399,140 +276,6 @@ CHECKS: tuple[Callable[[Source, Facts], list[Finding]], ...] = (
 )
 
 
-def optimizer_files(src: Source) -> list[Path]:
-    """Trainer state beside the weights; a global_stepN/ the weights are read from (DeepSpeed) is not counted."""
-    folder = src.path
-    sources = {Path(r.origin).parent.resolve() for r in src.weights if r.origin}
-    out = [folder / n for n in OPTIMIZER_FILES if (folder / n).is_file()]
-    for step in sorted(folder.glob("global_step*")):
-        if step.is_dir() and step.resolve() not in sources:
-            out += sorted(p for p in step.rglob("*") if p.is_file())
-    return out
-
-
-def gather(src: Source, *, scan: bool | str = "auto") -> Facts:
-    facts = Facts(tokenizer_size=tokenizer_size(src.tokenizer_dirs[0] if src.tokenizer_dirs else None),
-                  embedding_rows=embedding_rows(src))
-    refs = _all_refs(src)
-    if scan == "auto":
-        scan = sum(r.nbytes for r in refs) <= SCAN_LIMIT_BYTES
-    if scan:
-        facts.nonfinite, facts.overflow, facts.peak = scan_values(refs)
-        facts.scanned = True
-    return facts
-
-
 def diagnose(src: Source, *, scan: bool | str = "auto") -> list[Finding]:
     facts = gather(src, scan=scan)
     return [f for check in CHECKS for f in check(src, facts)]
-
-
-# --- the report ----------------------------------------------------------------------------------------------------
-def _group(refs, files=()) -> dict:
-    return {"count": len(refs), "bytes": sum(r.nbytes for r in refs),
-            "dtypes": dict(Counter(dtype_name(r.dtype) for r in refs)),
-            "files": sorted({Path(r.origin).name for r in refs if r.origin} | set(files))}
-
-
-def summary(src: Source, facts: Facts | None = None) -> dict:
-    groups: dict[str, dict] = {"base": _group(src.weights)}
-    if src.adapter is not None:
-        a = src.adapter
-        groups["adapter"] = _group([t for u in a.updates for t in u.tensors.values()] + list(a.full.values()))
-    if src.value_head:
-        groups["head"] = _group(src.value_head)
-    opt = optimizer_files(src)
-    if opt:
-        groups["optimizer"] = {"count": None, "bytes": sum(f.stat().st_size for f in opt), "dtypes": {},
-                               "files": [str(f.relative_to(src.path)) for f in opt]}
-    head = None
-    if src.value_head:
-        head = {"role": "reward" if src.stage == "rm" else "value", "file": str(src.value_head_file or ""),
-                "tensors": [{"name": r.name, "shape": list(r.shape), "dtype": dtype_name(r.dtype)}
-                            for r in src.value_head]}
-    adapter = None
-    if src.adapter is not None:
-        a = src.adapter
-        adapter = {"peft_type": str(a.config.get("peft_type") or "LORA").upper(), "r": a.rank,
-                   "alpha": a.config.get("lora_alpha"), "modules": len(a.modules), "full_tensors": sorted(a.full),
-                   "base_model_name_or_path": a.config.get("base_model_name_or_path")}
-    return {
-        "schema": SCHEMA, "rlexport_version": __version__, "complete": True,
-        "path": str(src.path), "format": src.kind, "producer": src.producer, "stage": src.stage,
-        "architecture": _arch(src), "model_type": src.config.get("model_type"),
-        "base": str(src.base_dir) if src.base_dir else None, "targets": list(src.targets),
-        "target_commands": {t: _export_cmd(src, "" if t == "policy" else f" --target {t}") for t in src.targets},
-        "head": head, "adapter": adapter,
-        "vocab": {"config": src.config.get("vocab_size"), "embedding_rows": facts.embedding_rows if facts else None,
-                  "tokenizer": facts.tokenizer_size if facts else None},
-        "dtypes": dict(Counter(dtype_name(r.dtype) for r in src.weights)),
-        "tensors": groups,
-        "pieces": [{"kind": p.kind, "path": str(p.path), "note": p.note} for p in src.pieces],
-        "scanned": bool(facts and facts.scanned),
-    }
-
-
-def _partial(ckpt: Path, e: RlexportError) -> dict:
-    """A diagnosis from the files alone, for checkpoints open_checkpoint refuses for a fixable reason."""
-    from .formats.files import refs_of
-    code = PARTIAL[e.code]
-    refs = []
-    for name in ("adapter_model.safetensors", "adapter_model.bin"):
-        if (ckpt / name).is_file():
-            try:
-                refs = refs_of([ckpt / name])
-            except RlexportError:
-                refs = []
-            break
-    empty = [r for r in refs if r.numel == 0]
-    engine = {
-        "adapter-without-config": f"PEFT: ValueError: Can't find 'adapter_config.json' at '{ckpt}'; vLLM "
-                                  "--lora-modules: LoRAAdapterNotFoundError",
-        "base-unresolved": "vLLM cannot load an adapter without its base model",
-        "unsupported-peft-type": "vLLM's runtime LoRA serves plain LoRA only (e.g. 'vLLM does not yet support "
-                                 "DoRA.'); rlexport cannot merge it exactly",
-        "zero3-placeholder": "PEFT: size mismatch for …lora_A.default.weight: copying a param with shape "
-                             "torch.Size([0]) from checkpoint",
-        "base-shape-mismatch": "PEFT: size mismatch for …lora_A.default.weight (the base has other shapes)",
-    }[code]
-    message = e.message
-    if code == "zero3-placeholder" and empty:
-        message = f"{len(empty)} adapter tensors are empty [0]-shaped placeholders (ZeRO-3 saved without gathering)"
-    findings = [Finding(code, "error", message, engine, e.hint, e.file or str(ckpt), _names(empty))]
-    head = ckpt / "value_head.safetensors"
-    groups = {"adapter": _group(refs)} if refs else {}
-    if head.is_file():
-        groups["head"] = _group(refs_of([head]))
-        findings.append(Finding("value-head-present", "warning", "a TRL/LLaMA-Factory value head (v_head.summary) "
-                                f"is in {head.name}", "vLLM and transformers ignore it", "export with --target value "
-                                "once the error above is fixed", str(head)))
-    return {"schema": SCHEMA, "rlexport_version": __version__, "complete": False, "path": str(ckpt),
-            "format": "peft", "producer": None, "stage": None, "architecture": None, "model_type": None,
-            "base": None, "targets": [], "target_commands": {}, "head": None, "adapter": None,
-            "vocab": {"config": None, "embedding_rows": None, "tokenizer": None}, "dtypes": {},
-            "tensors": groups, "pieces": [], "scanned": False, "findings": [f.to_json() for f in findings]}
-
-
-def inspect(ckpt: str | Path, *, base: str | Path | None = None, scan: bool | str = "auto") -> dict:
-    """What the checkpoint is and what will break. Mirrors `rlexport inspect --json` (docs/inspect.schema.json).
-
-    Args:
-        ckpt: the trainer's output folder (or one checkpoint-N/ in it).
-        base: the base model folder or hub id, for adapters whose adapter_config.json does not resolve.
-        scan: read every tensor once for NaN/Inf and float16 range: True, False, or "auto" (up to 2 GB).
-
-    Example:
-        >>> report = rlexport.inspect("saves/ppo")  # doctest: +SKIP
-        >>> [f["code"] for f in report["findings"]]  # doctest: +SKIP
-        ['value-head-present', 'adapter-needs-merge', 'eos-mismatch']
-    """
-    from .formats import open_checkpoint
-    try:
-        src = open_checkpoint(ckpt, base=base)
-    except RlexportError as e:
-        if e.code not in PARTIAL:
-            raise
-        return _partial(Path(ckpt), e)
-    facts = gather(src, scan=scan)
-    findings = [f for check in CHECKS for f in check(src, facts)]
-    return {**summary(src, facts), "findings": [f.to_json() for f in findings]}

@@ -1,0 +1,123 @@
+"""The inspect report: a summary of the checkpoint, its findings, and answers from the files alone when it cannot be opened."""
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+from .. import __version__
+from ..errors import RlexportError
+from ..findings import Finding
+from ..formats import Source
+from ..tensors import dtype_name
+from .checks import CHECKS
+from .facts import PARTIAL, SCHEMA, arch_of, export_cmd, Facts, gather, names_of, optimizer_files
+
+
+def _group(refs, files=()) -> dict:
+    return {"count": len(refs), "bytes": sum(r.nbytes for r in refs),
+            "dtypes": dict(Counter(dtype_name(r.dtype) for r in refs)),
+            "files": sorted({Path(r.origin).name for r in refs if r.origin} | set(files))}
+
+
+def summary(src: Source, facts: Facts | None = None) -> dict:
+    groups: dict[str, dict] = {"base": _group(src.weights)}
+    if src.adapter is not None:
+        a = src.adapter
+        groups["adapter"] = _group([t for u in a.updates for t in u.tensors.values()] + list(a.full.values()))
+    if src.value_head:
+        groups["head"] = _group(src.value_head)
+    opt = optimizer_files(src)
+    if opt:
+        groups["optimizer"] = {"count": None, "bytes": sum(f.stat().st_size for f in opt), "dtypes": {},
+                               "files": [str(f.relative_to(src.path)) for f in opt]}
+    head = None
+    if src.value_head:
+        head = {"role": "reward" if src.stage == "rm" else "value", "file": str(src.value_head_file or ""),
+                "tensors": [{"name": r.name, "shape": list(r.shape), "dtype": dtype_name(r.dtype)}
+                            for r in src.value_head]}
+    adapter = None
+    if src.adapter is not None:
+        a = src.adapter
+        adapter = {"peft_type": str(a.config.get("peft_type") or "LORA").upper(), "r": a.rank,
+                   "alpha": a.config.get("lora_alpha"), "modules": len(a.modules), "full_tensors": sorted(a.full),
+                   "base_model_name_or_path": a.config.get("base_model_name_or_path")}
+    return {
+        "schema": SCHEMA, "rlexport_version": __version__, "complete": True,
+        "path": str(src.path), "format": src.kind, "producer": src.producer, "stage": src.stage,
+        "architecture": arch_of(src), "model_type": src.config.get("model_type"),
+        "base": str(src.base_dir) if src.base_dir else None, "targets": list(src.targets),
+        "target_commands": {t: export_cmd(src, "" if t == "policy" else f" --target {t}") for t in src.targets},
+        "head": head, "adapter": adapter,
+        "vocab": {"config": src.config.get("vocab_size"), "embedding_rows": facts.embedding_rows if facts else None,
+                  "tokenizer": facts.tokenizer_size if facts else None},
+        "dtypes": dict(Counter(dtype_name(r.dtype) for r in src.weights)),
+        "tensors": groups,
+        "pieces": [{"kind": p.kind, "path": str(p.path), "note": p.note} for p in src.pieces],
+        "scanned": bool(facts and facts.scanned),
+    }
+
+
+def _partial(ckpt: Path, e: RlexportError) -> dict:
+    """A diagnosis from the files alone, for checkpoints open_checkpoint refuses for a fixable reason."""
+    from ..formats.files import refs_of
+    code = PARTIAL[e.code]
+    refs = []
+    for name in ("adapter_model.safetensors", "adapter_model.bin"):
+        if (ckpt / name).is_file():
+            try:
+                refs = refs_of([ckpt / name])
+            except RlexportError:
+                refs = []
+            break
+    empty = [r for r in refs if r.numel == 0]
+    engine = {
+        "adapter-without-config": f"PEFT: ValueError: Can't find 'adapter_config.json' at '{ckpt}'; vLLM "
+                                  "--lora-modules: LoRAAdapterNotFoundError",
+        "base-unresolved": "vLLM cannot load an adapter without its base model",
+        "unsupported-peft-type": "vLLM's runtime LoRA serves plain LoRA only (e.g. 'vLLM does not yet support "
+                                 "DoRA.'); rlexport cannot merge it exactly",
+        "zero3-placeholder": "PEFT: size mismatch for …lora_A.default.weight: copying a param with shape "
+                             "torch.Size([0]) from checkpoint",
+        "base-shape-mismatch": "PEFT: size mismatch for …lora_A.default.weight (the base has other shapes)",
+    }[code]
+    message = e.message
+    if code == "zero3-placeholder" and empty:
+        message = f"{len(empty)} adapter tensors are empty [0]-shaped placeholders (ZeRO-3 saved without gathering)"
+    findings = [Finding(code, "error", message, engine, e.hint, e.file or str(ckpt), names_of(empty))]
+    head = ckpt / "value_head.safetensors"
+    groups = {"adapter": _group(refs)} if refs else {}
+    if head.is_file():
+        groups["head"] = _group(refs_of([head]))
+        findings.append(Finding("value-head-present", "warning", "a TRL/LLaMA-Factory value head (v_head.summary) "
+                                f"is in {head.name}", "vLLM and transformers ignore it", "export with --target value "
+                                "once the error above is fixed", str(head)))
+    return {"schema": SCHEMA, "rlexport_version": __version__, "complete": False, "path": str(ckpt),
+            "format": "peft", "producer": None, "stage": None, "architecture": None, "model_type": None,
+            "base": None, "targets": [], "target_commands": {}, "head": None, "adapter": None,
+            "vocab": {"config": None, "embedding_rows": None, "tokenizer": None}, "dtypes": {},
+            "tensors": groups, "pieces": [], "scanned": False, "findings": [f.to_json() for f in findings]}
+
+
+def inspect(ckpt: str | Path, *, base: str | Path | None = None, scan: bool | str = "auto") -> dict:
+    """What the checkpoint is and what will break. Mirrors `rlexport inspect --json` (docs/inspect.schema.json).
+
+    Args:
+        ckpt: the trainer's output folder (or one checkpoint-N/ in it).
+        base: the base model folder or hub id, for adapters whose adapter_config.json does not resolve.
+        scan: read every tensor once for NaN/Inf and float16 range: True, False, or "auto" (up to 2 GB).
+
+    Example:
+        >>> report = rlexport.inspect("saves/ppo")  # doctest: +SKIP
+        >>> [f["code"] for f in report["findings"]]  # doctest: +SKIP
+        ['value-head-present', 'adapter-needs-merge', 'eos-mismatch']
+    """
+    from ..formats import open_checkpoint
+    try:
+        src = open_checkpoint(ckpt, base=base)
+    except RlexportError as e:
+        if e.code not in PARTIAL:
+            raise
+        return _partial(Path(ckpt), e)
+    facts = gather(src, scan=scan)
+    findings = [f for check in CHECKS for f in check(src, facts)]
+    return {**summary(src, facts), "findings": [f.to_json() for f in findings]}
