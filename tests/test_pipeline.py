@@ -133,6 +133,29 @@ def test_a_tied_pair_stored_twice_is_compared_in_row_blocks(tmp_path, monkeypatc
     assert seen and max(seen) == 16 and (differs or len(seen) == 4)
 
 
+
+def test_a_pytorch_model_bin_streams_like_safetensors(tmp_path, monkeypatch):
+    from rlexport.formats.files import pickle_refs
+    t = _tensors()
+    src = _bf16_model(tmp_path / "st", t)
+    binary = tmp_path / "bin"
+    binary.mkdir()
+    torch.save(t, binary / "pytorch_model.bin")  # torch's zip format: byte ranges, read with pread
+    (binary / "config.json").write_text((src / "config.json").read_text())
+    refs = pickle_refs(binary / "pytorch_model.bin")
+    assert all(isinstance(r.load, stream.FileSlice) and r.load.streamable for r in refs)
+    monkeypatch.setattr(writer, "BLOCK_BYTES", 1000)  # several row blocks per tensor
+    assert _export_bytes(binary, tmp_path / "a", dtype="float32") == _export_bytes(src, tmp_path / "b",
+                                                                                  dtype="float32")
+    # a strided view is not a byte range: the file is read through torch's mmap instead, same result
+    odd = dict(t, **{"lm_head.weight": t["lm_head.weight"].T.contiguous().T})
+    torch.save(odd, binary / "pytorch_model.bin")
+    refs = pickle_refs(binary / "pytorch_model.bin")
+    assert not any(isinstance(r.load, stream.FileSlice) for r in refs)
+    assert _export_bytes(binary, tmp_path / "c", dtype="float32") == _export_bytes(src, tmp_path / "d",
+                                                                                  dtype="float32")
+
+
 # ---- peak memory is flat in the number of layers (issue 8) ----
 _PROBE = """
 import sys

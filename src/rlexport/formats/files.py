@@ -233,12 +233,15 @@ def safetensors_metadata(path: Path) -> dict:
         raise _corrupt(path, e) from None
 
 
-def load_pickle_weights(path: Path) -> dict[str, torch.Tensor]:
-    """A .bin/.pt state dict, read with weights_only=True: no code from the file ever runs."""
+def load_pickle_weights(path: Path, *, meta: bool = False) -> dict[str, torch.Tensor]:
+    """A .bin/.pt state dict, read with weights_only=True: no code from the file ever runs. `meta` (zip files):
+    tensors on the meta device, no byte of them read."""
     try:
         remember(path)
+        zipped = zipfile.is_zipfile(path)
         # mmap needs torch's zip format; older torch.save files are plain pickles (read the same safe way)
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+        obj = torch.load(path, map_location="meta" if meta and zipped else "cpu", weights_only=True,
+                         mmap=zipped and not meta)
     except pickle.UnpicklingError as e:
         calls = re.search(r"GLOBAL (\S+) was not an allowed global", str(e))
         why = f"it would call {calls.group(1)}, which a plain tensor file never does" if calls else \
@@ -259,8 +262,27 @@ def load_pickle_weights(path: Path) -> dict[str, torch.Tensor]:
 
 
 def pickle_refs(path: Path) -> list[TensorRef]:
-    sd = load_pickle_weights(path)  # mmap=True: tensors stay on disk until touched
+    if zipfile.is_zipfile(path):
+        refs = _zip_pickle_refs(path)
+        if refs is not None:
+            return refs
+    sd = load_pickle_weights(path)  # legacy pickles: in memory; zip: mmap=True, on disk until touched
     return [TensorRef(k, v.dtype, tuple(v.shape), (lambda v=v: v), str(path)) for k, v in sd.items()]
+
+
+def _zip_pickle_refs(path: Path) -> list[TensorRef] | None:
+    """The tensors of a torch zip file as byte ranges of it, like safetensors tensors: unpickled on the meta
+    device and read with pread in row blocks by the writer (reading through torch's mmap would count every
+    page read as resident memory: the process would grow by the model's size). None if a tensor is not stored
+    contiguously (a strided view): then the file is loaded through the mmap instead."""
+    from .pickles import PtFile, records  # pickles imports this module
+    sd = load_pickle_weights(path, meta=True)
+    if not all(v.is_contiguous() for v in sd.values()):
+        return None
+    pt = PtFile(path, sd, records(path), what="weights file")
+    return [TensorRef(k, v.dtype, tuple(v.shape),
+                      FileSlice(path, pt.offset(v, k), v.dtype, tuple(v.shape), on_error=lambda e: _corrupt(path, e),
+                                name=k), str(path)) for k, v in sd.items()]
 
 
 def weight_files(folder: Path) -> list[Path]:

@@ -67,6 +67,7 @@ class PtFile:
     path: Path
     obj: object
     records: dict[int, int] | None  # data start -> byte length of every stored tensor record; None: in memory
+    what: str = "DeepSpeed file"
 
     def offset(self, t: torch.Tensor, what: str) -> int:
         """Byte offset in the file of the contiguous tensor `t` (loaded on meta), checked against the zip."""
@@ -83,11 +84,11 @@ class PtFile:
         return int(start) + t.storage_offset() * t.element_size()
 
     def corrupt(self, why: str) -> RlexportError:
-        return RlexportError("corrupt-pickle", f"unreadable DeepSpeed file ({why})", file=self.path,
+        return RlexportError("corrupt-pickle", f"unreadable {self.what} ({why})", file=self.path,
                              hint="the file is truncated or damaged; copy it again from the training machine")
 
 
-def _records(path: Path) -> dict[int, int]:
+def records(path: Path) -> dict[int, int]:
     """Data start -> size of every uncompressed tensor record (`<archive>/data/<key>`) of a torch zip file."""
     out = {}
     with zipfile.ZipFile(path) as z, open(path, "rb") as f:
@@ -124,7 +125,7 @@ def load_pt(path: Path, *, meta: bool = True) -> PtFile:
         zipped = zipfile.is_zipfile(path)
         with torch.serialization.safe_globals(SAFE_GLOBALS):
             obj = torch.load(path, map_location="meta" if (meta and zipped) else "cpu", weights_only=True)
-        records = _records(path) if (meta and zipped) else None
+        stored = records(path) if (meta and zipped) else None
     except RlexportError:
         raise
     except pickle.UnpicklingError as e:
@@ -135,7 +136,7 @@ def load_pt(path: Path, *, meta: bool = True) -> PtFile:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
         raise RlexportError("corrupt-pickle", f"unreadable DeepSpeed file ({first})", file=path,
                             hint="the file is truncated or damaged; copy it again from the training machine") from None
-    return PtFile(path, obj, records)
+    return PtFile(path, obj, stored)
 
 
 def unsafe(path: Path, e: Exception) -> RlexportError:
