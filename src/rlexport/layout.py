@@ -74,10 +74,19 @@ def stored_unchanged(ref: TensorRef):
     return st
 
 
+MAX_HEADER = 100 << 20  # safetensors' own limit
+
+
 def _file_tensors(path: Path) -> set[str] | None:
+    """The tensor names of a safetensors file that could be placed whole as an output shard (None: not one;
+    a .bin's tensors are byte ranges too, but the file is not a safetensors shard)."""
+    if path.suffix != ".safetensors":
+        return None
     try:
         with open(path, "rb") as f:
             (n,) = struct.unpack("<Q", f.read(8))
+            if n > MAX_HEADER:
+                return None
             header = json.loads(f.read(n))
     except (OSError, ValueError, struct.error):
         return None
