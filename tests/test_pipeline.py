@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import rlexport
-from rlexport import stream, writer
+from rlexport import stream, writer, writer_thread
 from test_export import load_folder
 
 
@@ -26,7 +26,7 @@ def test_tiny_blocks_give_the_same_bytes_as_whole_tensors(tmp_path, tiny_lora, m
     blocks = _export_bytes(tiny_lora, tmp_path / "b", dtype="bfloat16")
     assert blocks == whole
     monkeypatch.setattr(writer, "DROP_BEHIND_ABOVE", 0.0)  # written behind: waited for, dropped from the cache
-    monkeypatch.setattr(writer, "DROP_BEHIND_LAG", 4096)
+    monkeypatch.setattr(writer_thread, "DROP_BEHIND_LAG", 4096)
     assert _export_bytes(tiny_lora, tmp_path / "b2", dtype="bfloat16") == whole
     f32 = _export_bytes(tiny_lora, tmp_path / "c", dtype="float32")
     monkeypatch.setattr(writer, "default_workers", lambda: 1)

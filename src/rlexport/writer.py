@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import gc
 import os
-import queue
 import threading
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -20,10 +19,10 @@ from typing import Callable
 import torch
 
 from . import diskio
-from .errors import RlexportError
 from .layout import Shard, stored_unchanged
 from .stream import Scratch, StreamLoader, as_bytes, block_shape, n_rows, row_numel
 from .tensors import TensorRef
+from .writer_thread import WriterThread
 
 
 def _bytes_of(t: torch.Tensor, ref: TensorRef) -> memoryview:
@@ -44,11 +43,7 @@ SUB_BLOCK_BYTES = 1536 << 10  # output bytes per compute step and pwrite: float3
 SUB_MIN_ROWS = 16            # fewer rows make short, slow matrix products (and lora.streamed.MIN_ROWS widens them)
 COPY_BYTES = 64 << 20     # byte-range copies (copy_file_range) need no buffer: bigger steps
 READ_AHEAD_BYTES = 128 << 20  # blocks queued (and their reads requested from the OS) ahead of the workers
-# An export much larger than memory is written "behind": once DROP_BEHIND_LAG bytes newer than a range are written,
-# the range is waited for and dropped from the page cache. Otherwise the output evicts everything else cached (the
-# inputs being read included) and the kernel reclaims pages in the writers' time: 40% of a cold 7B export's CPU.
-DROP_BEHIND_LAG = 256 << 20
-DROP_BEHIND_ABOVE = 0.25  # of physical memory
+DROP_BEHIND_ABOVE = 0.25  # of physical memory: exports larger than this are written behind (writer_thread.py)
 
 
 def _physical_memory() -> int:
@@ -138,7 +133,7 @@ def _verify_job(opened: _Opened, checks, start: int, stop: int, reported: int, l
     return reported
 
 
-def _jobs(out: diskio.OutFile, local: threading.local, writer: "_Writer", registry: list):
+def _jobs(out: diskio.OutFile, local: threading.local, writer: WriterThread, registry: list):
     """(callable, nbytes, read-ahead hint or None) for every block of the shard, in file order."""
     offset = out.data_start
     for ref in out.shard.refs:
@@ -184,7 +179,7 @@ def _sub_blocks(total: int, row_bytes: int) -> list[tuple[int, int]]:
 
 
 def _rows_job(ref: TensorRef, opened: _Opened, subs: list[tuple[int, int]], out: diskio.OutFile, dst_off: int,
-              local: threading.local, writer: "_Writer") -> int:
+              local: threading.local, writer: WriterThread) -> int:
     """One block, computed in sub-blocks small enough that every stage (read, convert, merge, check, cast) works
     in the core's cache: streaming whole 16 MB blocks through each stage in turn is memory-bound and ~2x slower.
     Each computed sub-block goes to the writer thread; this thread goes on computing in another arena."""
@@ -229,87 +224,6 @@ def _arena(local: threading.local) -> tuple[Scratch, Callable[[], None]]:
     return scratch, ev.set
 
 
-class _Writer:
-    """The one thread that pwrites computed blocks (and starts their writeback). ext4 serializes writers to a file
-    on its inode lock and the waiting ones spin (40% of the write CPU with four writers), and sync_file_range
-    blocks on a full device queue: the compute threads should do neither. Items run in the order queued."""
-
-    def __init__(self, drop_behind: bool = False) -> None:
-        self.q: queue.SimpleQueue = queue.SimpleQueue()
-        self.error: BaseException | None = None
-        self.aborted = False
-        self.drop_behind = drop_behind
-        self.behind: deque = deque()  # (out, offset, n) written and not yet dropped from the cache
-        self.behind_bytes = 0
-        self.thread = threading.Thread(target=self._run, name="rlexport-pwrite", daemon=True)
-        self.thread.start()
-
-    def write(self, out, data: memoryview, offset: int, done: Callable[[], None]) -> None:
-        if self.error is not None:
-            done()
-            raise RlexportError("write-failed", f"could not write the export ({self.error})",
-                                hint="check free space and the disk") from self.error
-        self.q.put((out, data, offset, done))
-
-    def call(self, fn: Callable[[], None]) -> None:
-        """Run fn on the writer thread once everything queued before it is written."""
-        self.q.put((None, fn, 0, None))
-
-    def flush(self) -> None:
-        ev = threading.Event()
-        self.call(ev.set)
-        ev.wait()
-        if self.error is not None:
-            raise self.error
-
-    def abort(self) -> None:
-        self.aborted = True
-
-    def _drop_oldest(self) -> None:
-        out, offset, n = self.behind.popleft()
-        self.behind_bytes -= n
-        if out.fd is not None and not self.aborted:
-            diskio.drop_cached(out.fd, offset, n)
-
-    def forget(self, out) -> None:
-        """Before `out` is fsynced and closed (writer thread): drop what is still pending for it."""
-        keep = deque()
-        while self.behind:
-            item = self.behind.popleft()
-            if item[0] is out:
-                self.behind_bytes -= item[2]
-            else:
-                keep.append(item)
-        self.behind = keep
-
-    def close(self) -> None:
-        self.q.put(None)
-        self.thread.join()
-
-    def _run(self) -> None:
-        while True:
-            item = self.q.get()
-            if item is None:
-                return
-            out, data, offset, done = item
-            try:
-                if out is None:
-                    data()
-                elif self.error is None and not self.aborted:
-                    diskio.pwrite_all(out.fd, data, offset)
-                    diskio.start_writeback(out.fd, offset, len(data))
-                    if self.drop_behind:
-                        self.behind.append((out, offset, len(data)))
-                        self.behind_bytes += len(data)
-                        while self.behind_bytes > DROP_BEHIND_LAG:
-                            self._drop_oldest()
-            except BaseException as e:  # reported to the workers and to write_shards
-                self.error = self.error or e
-            finally:
-                if done is not None:
-                    done()
-
-
 def _whole_job(ref: TensorRef, out: diskio.OutFile, dst_off: int) -> int:
     data = _bytes_of(ref.load(), ref)
     diskio.pwrite_all(out.fd, data, dst_off)
@@ -347,7 +261,7 @@ def write_shards(items: list[tuple[Path, Shard]], on_bytes: Callable[[int], None
     opened: list[_Opened] = []
     with _one_torch_thread_each(), ThreadPoolExecutor(workers, thread_name_prefix="rlexport-write") as pool:
         total = sum(shard.nbytes for _, shard in items)
-        writer = _Writer(drop_behind=total > DROP_BEHIND_ABOVE * _physical_memory())
+        writer = WriterThread(drop_behind=total > DROP_BEHIND_ABOVE * _physical_memory())
         inflight: deque = deque()  # (future, the shard it completes or None), in submission order
         finishing: list[Future] = []
 
