@@ -10,7 +10,6 @@ import click
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn, TimeRemainingColumn
 
-
 from . import __version__
 from .errors import RlexportError
 

@@ -77,12 +77,6 @@ class Rows:
     def rows(self, start: int, stop: int, scratch: Scratch) -> torch.Tensor:
         raise NotImplementedError
 
-    def prefetch(self, start: int, stop: int) -> None:
-        """Ask the OS to start reading what rows [start, stop) will need (wrappers pass it to `inner`)."""
-        inner = getattr(self, "inner", None)
-        if isinstance(inner, Rows):
-            inner.prefetch(start, stop)
-
     def close(self) -> None:
         pass
 
@@ -160,6 +154,8 @@ class FileSlice(StreamLoader):
         return Stored(self, ())
 
     def prefetch_hint(self, start: int, stop: int) -> None:
+        # Several threads read blocks of one tensor, out of order: the kernel's sequential readahead gives up on
+        # that pattern, so each queued block's whole range is requested up front instead.
         if not hasattr(os, "posix_fadvise"):
             return
         row_bytes = row_numel(self.shape) * self.dtype.itemsize
@@ -188,16 +184,6 @@ class _FileRows(Rows):
         self.spec = spec
         self.fd = os.open(spec.path, os.O_RDONLY | os.O_CLOEXEC)
         self.row_bytes = row_numel(spec.shape) * spec.dtype.itemsize
-
-    def prefetch(self, start: int, stop: int) -> None:
-        # Several threads read blocks of one tensor through this fd, out of order: the kernel's sequential
-        # readahead gives up on that pattern, so each block's whole range is requested up front instead.
-        if hasattr(os, "posix_fadvise") and self.fd is not None:
-            try:
-                os.posix_fadvise(self.fd, self.spec.offset + start * self.row_bytes, (stop - start) * self.row_bytes,
-                                 os.POSIX_FADV_WILLNEED)
-            except OSError:
-                pass
 
     def rows(self, start: int, stop: int, scratch: Scratch) -> torch.Tensor:
         spec = self.spec

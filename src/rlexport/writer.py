@@ -124,7 +124,6 @@ def _verify_job(opened: _Opened, checks, start: int, stop: int, reported: int, l
     scratch.reset()
     try:
         rows = opened.get()
-        rows.prefetch(start, stop)
         t = rows.rows(start, stop, scratch)
         for check in checks:
             check(t)
@@ -185,7 +184,6 @@ def _rows_job(ref: TensorRef, opened: _Opened, subs: list[tuple[int, int]], out:
     Each computed sub-block goes to the writer thread; this thread goes on computing in another arena."""
     try:
         rows = opened.get()
-        rows.prefetch(subs[0][0], subs[-1][1])
         off = dst_off
         for s, e in subs:
             scratch, release = _arena(local)
