@@ -1199,6 +1199,18 @@ def _(d, g):
     return run
 
 
+@case("pickle-truncated-half", "corrupt-pickle")
+def _(d, g):
+    """A torch.save zip cut in the middle of its data (torch itself says OSError EINVAL, like a disk fault)."""
+    import torch
+    ckpt, out, run = _model_case(d, g)
+    (ckpt / "model.safetensors").unlink()
+    torch.save({"lm_head.weight": torch.zeros(64, 64)}, ckpt / "pytorch_model.bin")
+    f = ckpt / "pytorch_model.bin"
+    f.write_bytes(f.read_bytes()[:f.stat().st_size // 2])
+    return run
+
+
 @case("pickle-not-a-state-dict", "corrupt-pickle")
 def _(d, g):
     """pytorch_model.bin holding a plain list (allowed by weights_only, but not weights)."""

@@ -233,15 +233,31 @@ def safetensors_metadata(path: Path) -> dict:
         raise _corrupt(path, e) from None
 
 
+def torch_zip_cut_short(path: Path) -> bool:
+    """A torch.save zip file missing its end (a copy cut short): torch reads it as a legacy pickle and fails
+    with an OSError (EINVAL) that reads like a disk fault."""
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except OSError:
+        return False  # torch.load reports the real read error
+    return magic == b"PK\x03\x04" and not zipfile.is_zipfile(path)
+
+
 def load_pickle_weights(path: Path, *, meta: bool = False) -> dict[str, torch.Tensor]:
     """A .bin/.pt state dict, read with weights_only=True: no code from the file ever runs. `meta` (zip files):
     tensors on the meta device, no byte of them read."""
     try:
         remember(path)
+        if torch_zip_cut_short(path):
+            raise RlexportError("corrupt-pickle", "unreadable weights file (a torch zip file whose end is "
+                                "missing)", file=path, hint="the file is truncated; copy it again")
         zipped = zipfile.is_zipfile(path)
         # mmap needs torch's zip format; older torch.save files are plain pickles (read the same safe way)
         obj = torch.load(path, map_location="meta" if meta and zipped else "cpu", weights_only=True,
                          mmap=zipped and not meta)
+    except RlexportError:
+        raise
     except pickle.UnpicklingError as e:
         calls = re.search(r"GLOBAL (\S+) was not an allowed global", str(e))
         why = f"it would call {calls.group(1)}, which a plain tensor file never does" if calls else \

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from ..errors import RlexportError
-from .files import input_error, remember
+from .files import input_error, remember, torch_zip_cut_short
 
 
 class ZeroStageEnum(enum.IntEnum):
@@ -122,6 +122,9 @@ def load_pt(path: Path, *, meta: bool = True) -> PtFile:
     path = Path(path)
     try:
         remember(path)
+        if torch_zip_cut_short(path):
+            raise RlexportError("corrupt-pickle", "unreadable DeepSpeed file (a torch zip file whose end is missing)",
+                                file=path, hint="the file is truncated; copy it again from the training machine")
         zipped = zipfile.is_zipfile(path)
         with torch.serialization.safe_globals(SAFE_GLOBALS):
             obj = torch.load(path, map_location="meta" if (meta and zipped) else "cpu", weights_only=True)

@@ -24,8 +24,7 @@ from ..tensors import FLOATS, TensorRef
 from . import deltas
 from .config import token_indices
 from .read import Adapter, Update
-from .streamed import Dora, LowRankMerge, Term
-from .streamed import delta as low_rank_delta
+from .streamed import Dora, LowRankMerge, Term, merge_whole
 
 log = logging.getLogger("rlexport")
 Op = Callable[[torch.Tensor], torch.Tensor]
@@ -216,12 +215,7 @@ class Merge:
         def merged(w: torch.Tensor) -> torch.Tensor:
             w = w.to(torch.float32, copy=True)
             for op in ops:
-                if isinstance(op, tuple):
-                    w.add_(low_rank_delta(op))
-                elif isinstance(op, Dora):
-                    w = deltas.dora_linear(w, low_rank_delta(op.term), fp32(op.magnitude), False)
-                else:
-                    w = op(w)
+                w = merge_whole(w, op) if isinstance(op, (tuple, Dora)) else op(w)
             return w
         return src.mapped(merged, dtype=torch.float32)
 

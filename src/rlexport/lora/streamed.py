@@ -5,8 +5,9 @@ float32. Two shortcuts would change the last bit of some elements, and with it t
 a fused `addmm(W, B, A, alpha=s)` (one rounding instead of two when s is not a power of two: rsLoRA, most
 alpha/r), and products of very short row blocks (BLAS picks other kernels for them: 1- to 3-row blocks of
 `B @ A` differ from the whole product in up to 70% of the elements). So the product is computed in row blocks of
-at least MIN_ROWS rows, which equal the whole product's rows bit for bit (checked once per shape at run time; a
-whole delta where that fails, and for transposed terms), then scaled and added in PEFT's order, block by block.
+at least MIN_ROWS rows, which equal the whole product's rows bit for bit (checked once per shape at run time,
+transposed terms too; a whole delta where that fails), then scaled and added in PEFT's order, block by block.
+DoRA on a Linear weight streams the same way: its norm is per output row.
 """
 from __future__ import annotations
 
@@ -54,11 +55,15 @@ class LowRankMerge(StreamLoader):
             return super().__call__()
         w = self.base().to(torch.float32, copy=True)  # never add into a tensor the loader may share
         for term in self.terms:
-            if isinstance(term, Dora):
-                w = deltas.dora_linear(w, delta(term.term), term.magnitude.load().to(torch.float32), False)
-            else:
-                w.add_(delta(term))
+            w = merge_whole(w, term)
         return w
+
+
+def merge_whole(w: torch.Tensor, term: Term | Dora) -> torch.Tensor:
+    """A float32 weight (the caller's own) with one LoRA or DoRA term merged, the delta built whole."""
+    if isinstance(term, Dora):
+        return deltas.dora_linear(w, delta(term.term), term.magnitude.load().to(torch.float32), False)
+    return w.add_(delta(term))
 
 
 # Row blocks of B @ A, each at least MIN_ROWS long, are computed by the same BLAS kernel as the whole product and
