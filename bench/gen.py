@@ -32,6 +32,10 @@ class Geometry:
     shard_bytes: int  # how the published checkpoint is sharded (save_pretrained's default is 5GB)
 
     @property
+    def eos(self) -> int:
+        return min(151643, self.vocab - 1)  # Qwen2's <|endoftext|>, inside a small test vocabulary too
+
+    @property
     def head_dim(self) -> int:
         return self.hidden // self.heads
 
@@ -42,7 +46,7 @@ class Geometry:
             "num_attention_heads": self.heads, "num_key_value_heads": self.kv_heads, "vocab_size": self.vocab,
             "tie_word_embeddings": self.tied, "max_position_embeddings": 32768, "rms_norm_eps": 1e-6,
             "rope_theta": 1000000.0, "hidden_act": "silu", "attention_dropout": 0.0, "initializer_range": 0.02,
-            "use_cache": True, "bos_token_id": 151643, "eos_token_id": 151643, "torch_dtype": "bfloat16",
+            "use_cache": True, "bos_token_id": self.eos, "eos_token_id": self.eos, "torch_dtype": "bfloat16",
             "dtype": "bfloat16", "sliding_window": None, "use_sliding_window": False, "max_window_layers": 28,
         }
 
@@ -146,7 +150,7 @@ def make_base(geo: Geometry, out: Path, *, seed: int = 0) -> Path:
     if len(shards) > 1:
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     (out / "config.json").write_text(json.dumps(geo.config(), indent=2))
-    (out / "generation_config.json").write_text(json.dumps({"bos_token_id": 151643, "eos_token_id": 151643}))
+    (out / "generation_config.json").write_text(json.dumps({"bos_token_id": geo.eos, "eos_token_id": geo.eos}))
     return out
 
 

@@ -18,7 +18,8 @@ from pathlib import Path
 
 t_start = time.perf_counter()
 import rlexport  # noqa: E402
-from rlexport import diskio, stream, writer  # noqa: E402
+from rlexport import stream  # noqa: E402
+from rlexport.output import diskio, writer  # noqa: E402
 from rlexport.lora import streamed  # noqa: E402
 from rlexport.export import plan, write  # noqa: E402
 from rlexport.formats import open_checkpoint  # noqa: E402

@@ -2,13 +2,15 @@
 from __future__ import annotations
 
 import json
+import os
+import pickle
 import shutil
 import subprocess
 import sys
 
 import pytest
 
-from factories import FIXTURES, make_tiny_model
+from factories import FIXTURES, copy_fixture, make_tiny_model
 
 
 def run(*args, cwd=None):
@@ -121,3 +123,31 @@ def test_progress_bar_on_a_terminal_and_quiet(tmp_path):
     assert "export policy" in shown and "/s" in shown and "MB" in shown  # bytes done and throughput
     assert "exported policy" in shown
     assert _run_on_a_terminal("export", ckpt, "--out", tmp_path / "b", "--quiet") == ""
+
+
+def test_missing_root_adapter_config_is_named_not_the_reward_adapter_beside_it(tmp_path):
+    """LLaMA-Factory PPO run folder without its root adapter_config.json: the reward/ adapter beside it is not the
+    problem (it used to be reported as reward-adapter-without-head)."""
+    ckpt = copy_fixture("lf_ppo_lora_qwen2", tmp_path) / "ckpt"
+    (ckpt / "adapter_config.json").unlink()
+    proc = run("export", ckpt, "--out", tmp_path / "out", "--base", FIXTURES / "lf_ppo_lora_qwen2" / "base")
+    assert_one_line_error(proc, "adapter-without-config", tmp_path / "out")
+    assert "reward/ is another model's" in proc.stderr
+
+
+def test_unsafe_legacy_pickle_prints_only_the_error_line(tmp_path):
+    """A protocol-4 legacy pickle makes torch warn (UserWarning: Detected pickle protocol 4 ...) before refusing
+    it: the only output is rlexport's one line."""
+    ckpt = tmp_path / "evil"
+    ckpt.mkdir()
+    shutil.copy(FIXTURES / "lf_ppo_full_qwen2" / "ckpt" / "config.json", ckpt)
+    with open(ckpt / "pytorch_model.bin", "wb") as f:
+        pickle.dump({"w": _Evil()}, f, protocol=4)  # the legacy (non-zip) layout torch.load unpickles directly
+    proc = run("export", ckpt, "--out", tmp_path / "out", cwd=tmp_path)
+    assert_one_line_error(proc, "unsafe-pickle", tmp_path / "out")
+    assert "Warning" not in proc.stderr and not (tmp_path / "pwned").exists()
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("touch pwned",))

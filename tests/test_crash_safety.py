@@ -150,7 +150,7 @@ def test_leftover_temporaries_are_cleaned_with_a_message(cli, tiny_base, tmp_pat
 
 def test_a_live_export_is_not_cleaned_up_under_it(cli, tiny_base, tmp_path):
     """While another export holds the --out lock, a second one fails (out-locked) and touches nothing."""
-    from rlexport.atomic import OutLock
+    from rlexport.output.atomic import OutLock
     out = tmp_path / "out"
     live = tmp_path / f".out.rlexport-tmp-{os.getpid()}-0badcafe"
     live.mkdir()

@@ -9,7 +9,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import rlexport
-from rlexport import stream, writer, writer_thread
+from rlexport import stream
+from rlexport.output import writer, writer_thread
 from test_export import load_folder
 
 
@@ -56,8 +57,12 @@ def test_buffers_are_bounded_by_the_sub_block_not_the_tensor(tmp_path, tiny_lora
 def _bf16_model(path, tensors):
     path.mkdir()
     save_file(tensors, path / "model.safetensors")
+    # a config that fits the tensors (the export's self-check builds the architecture from it): no layers
     (path / "config.json").write_text(json.dumps({"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"],
-                                                  "torch_dtype": "bfloat16", "tie_word_embeddings": False}))
+                                                  "torch_dtype": "bfloat16", "tie_word_embeddings": False,
+                                                  "hidden_size": 32, "num_hidden_layers": 0, "num_attention_heads": 1,
+                                                  "num_key_value_heads": 1, "intermediate_size": 64,
+                                                  "vocab_size": 64}))
     return path
 
 

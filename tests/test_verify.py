@@ -50,7 +50,10 @@ def _cases() -> list[tuple[str, str]]:
     """(case, target) for every target of every fixture case in the repo (expected.json's targets)."""
     out = []
     for exp in sorted(FIXTURES.glob("*/expected.json")):
-        out += [(exp.parent.name, t) for t in json.loads(exp.read_text())["targets"]]
+        data = json.loads(exp.read_text())
+        if data.get("reconstructible_from_ckpt") is False:
+            continue  # the trainer never saved what the numbers need: refused (test_value_heads.py)
+        out += [(exp.parent.name, t) for t in data["targets"]]
     return out
 
 
@@ -317,7 +320,7 @@ def test_vllm_engine_result_is_judged(exported, tmp_path, monkeypatch):
 def test_reference_reproduces_expected_json():
     """The independent rebuild agrees with the numbers the fixtures were made with (fp32, PEFT)."""
     from rlexport.formats import open_checkpoint
-    from rlexport.verify_numbers import reference
+    from rlexport.verify.numbers import reference
     for case in ("lf_ppo_lora_qwen2", "lf_rm_lora_qwen2"):
         exp = json.loads((FIXTURES / case / "expected.json").read_text())
         src = open_checkpoint(FIXTURES / case / "ckpt")

@@ -16,8 +16,8 @@ import rlexport
 from rlexport.engines.vllm import available, run_jobs
 from rlexport.formats import open_checkpoint
 from rlexport.verify import structure
-from rlexport.verify_engine import vllm_checks, vllm_job
-from rlexport.verify_numbers import Numbers
+from rlexport.verify.engine import vllm_checks, vllm_job
+from rlexport.verify.numbers import Numbers
 
 pytestmark = [pytest.mark.vllm, pytest.mark.skipif(not available(), reason="vllm is not installed")]
 RUNS = {  # name -> (fixture case, export target, break the export?)

@@ -5,8 +5,8 @@ import torch
 from safetensors.torch import load_file
 
 from rlexport.tensors import TensorRef, parse_size
-from rlexport.layout import plan_shards
-from rlexport.writer import write_shard
+from rlexport.output.layout import plan_shards
+from rlexport.output.writer import write_shard
 
 
 def refs_from(tensors: dict[str, torch.Tensor], live: list[int]):

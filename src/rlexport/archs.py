@@ -5,6 +5,7 @@ memory. Add a model family by adding a row; nothing else branches on model_type.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 
@@ -66,3 +67,29 @@ def embedding_pair(config: dict) -> tuple[str, str]:
 
 def is_conv1d(config: dict, module: str) -> bool:
     return module.rsplit(".", 1)[-1] in arch_of(config).conv1d
+
+
+def memory_shapes(config: dict, stored: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+    """The parameters transformers builds in memory from the tensors a checkpoint stores: renamed fragments
+    turned back, per-expert tensors fused into `<block>.experts.<param>` [experts, sum of parts' rows, in].
+    What vLLM loads is the stored form; what the meta-device model lists is this one."""
+    a = arch_of(config)
+    out: dict[str, tuple[int, ...]] = {}
+    fused: dict[tuple[str, Experts], dict[int, dict[str, tuple[int, ...]]]] = {}
+    for name, shape in stored.items():
+        mem = name
+        for in_memory, on_disk in a.renames:
+            mem = mem.replace(on_disk, in_memory)
+        for ex in a.experts:
+            m = re.fullmatch(rf"(.+)\.experts\.(\d+)\.({'|'.join(map(re.escape, ex.parts))})\.weight", mem)
+            if m:
+                fused.setdefault((m.group(1), ex), {}).setdefault(int(m.group(2)), {})[m.group(3)] = shape
+                break
+        else:
+            out[mem] = shape
+    for (block, ex), experts in fused.items():
+        first = experts[min(experts)]
+        rows = sum(first[p][0] for p in ex.parts if p in first)
+        out[f"{block}.experts.{ex.param}"] = (len(experts), rows, first[ex.parts[0]][1]) \
+            if all(len(first.get(p, ())) == 2 for p in ex.parts) else (len(experts),)
+    return out

@@ -70,10 +70,12 @@ def inspect_cmd(ckpt: str, base: str | None, as_json: bool, scan: bool | None, t
               help="Then run `rlexport verify OUT --against CKPT [--engine E]`; exit 1 if a check fails.")
 @click.option("--adapter", "adapter_name", metavar="NAME",
               help="Which adapter of a PEFT folder holding several (default: the root's, named `default`).")
+@click.option("--no-normalize", "raw_head", is_flag=True, help="--target value: export the raw head, without "
+              "the reward normalisation (OpenRLHF mean/std) folded in.")
 @click.option("--tag", metavar="TAG", help="DeepSpeed: the global_stepN/ checkpoint to read (default: the one "
               "`latest` names); given, the raw checkpoint is read even beside complete HF weights.")
 def export_cmd(ckpt, out_dir, base, target, dtype, max_shard_size, force, allow_nonfinite, link, quiet,
-               verify_engine=None, adapter_name=None, tag=None) -> None:
+               verify_engine=None, adapter_name=None, tag=None, raw_head=False) -> None:
     """Merge, clean and cast a checkpoint into a Hugging Face folder, streamed and atomic."""
     from .export import plan, write
     from .formats import open_checkpoint
@@ -85,7 +87,7 @@ def export_cmd(ckpt, out_dir, base, target, dtype, max_shard_size, force, allow_
         ckpt = str(with_tag(ckpt, tag))  # the tag folder itself: read as the raw checkpoint, verified against
     src = open_checkpoint(select_adapter(ckpt, adapter_name), base=base)
     check_out(Path(out_dir), src, force=force)
-    p = plan(src, target=target, dtype=dtype, allow_nonfinite=allow_nonfinite)
+    p = plan(src, target=target, dtype=dtype, allow_nonfinite=allow_nonfinite, normalize=not raw_head)
     total = sum(r.nbytes for r in p.tensors)
     with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
                   TransferSpeedColumn(), TimeRemainingColumn(), console=err, disable=quiet or not err.is_terminal,
@@ -108,18 +110,21 @@ def export_cmd(ckpt, out_dir, base, target, dtype, max_shard_size, force, allow_
 @click.option("--base", help="Base model folder or hub id (for an adapter --against).")
 @click.option("--engine", type=click.Choice(["auto", "vllm", "transformers", "none"]), default="auto",
               show_default=True, help="Load the folder in this engine (auto: vLLM when installed).")
+@click.option("--tensor-parallel-size", "tp", type=click.IntRange(1, 1024), default=None,
+              help="Fail if vLLM would refuse to shard the model over this many ranks; names the sizes that work.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output on stdout.")
-def verify_cmd(folder: str, against: str | None, base: str | None, engine: str, as_json: bool) -> None:
+def verify_cmd(folder: str, against: str | None, base: str | None, engine: str, as_json: bool,
+               tp: int | None) -> None:
     """Prove an exported folder is right: structure, numbers against training, a real engine. Exit 0 only if
     every check passes."""
     if base is not None and against is None:
         raise click.UsageError("--base needs --against")
-    _verify_and_exit(folder, against=against, base=base, engine=engine, as_json=as_json)
+    _verify_and_exit(folder, against=against, base=base, engine=engine, as_json=as_json, tp=tp)
 
 
-def _verify_and_exit(folder, *, against, base, engine: str, as_json: bool) -> None:
+def _verify_and_exit(folder, *, against, base, engine: str, as_json: bool, tp: int | None = None) -> None:
     from .verify import verify
-    report = verify(folder, against=against, base=base, engine=engine).to_json()
+    report = verify(folder, against=against, base=base, engine=engine, tensor_parallel_size=tp).to_json()
     if as_json:
         click.echo(json.dumps(report, indent=2))
     else:
@@ -135,7 +140,7 @@ def _catch_signals(received: list[int]) -> dict:
     import signal
     import threading
 
-    from .atomic import deferred_signals, in_uninterruptible
+    from .output.atomic import deferred_signals, in_uninterruptible
 
     def on_signal(signum, frame):
         if in_uninterruptible():
@@ -165,7 +170,7 @@ def main(argv: list[str] | None = None) -> None:
     previous = _catch_signals(received)
     try:
         cli.main(args=argv, prog_name="rlexport", standalone_mode=False)
-        from .atomic import deferred_signals
+        from .output.atomic import deferred_signals
         if deferred_signals:
             click.echo("note: an interrupt arrived while the export was being moved into place; it completed",
                        err=True)

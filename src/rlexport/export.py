@@ -9,15 +9,16 @@ from typing import Callable
 
 import torch
 
-from . import folder
+from . import archs, folder
 from .errors import RlexportError
 from .formats import Source, open_checkpoint
 from .tensors import DTYPES, TensorRef, dtype_name, parse_dtype, parse_size
 from .transforms import apply_adapter, cast, strip_wrappers, tie_embeddings
 from .formats.files import check_unchanged
-from .atomic import AtomicFolder, OutLock, remove_stale
-from .layout import plan_shards, write_index
-from .writer import write_shards
+from .output.atomic import AtomicFolder, OutLock, remove_stale
+from .output.layout import plan_shards, write_index
+from .output.writer import write_shards
+from .verify.selfcheck import self_check
 
 log = logging.getLogger("rlexport")
 TARGETS = ("policy", "value")
@@ -61,24 +62,30 @@ def resolve_dtype(src: Source, requested: str) -> tuple[torch.dtype, str]:
     return torch.bfloat16, "no dtype in config; bfloat16 chosen"
 
 
-def _vocab_rows(refs: list[TensorRef], config: dict) -> int | None:
-    for r in refs:
-        if r.name.endswith(("embed_tokens.weight", "wte.weight", "word_embeddings.weight")) and len(r.shape) == 2:
-            return r.shape[0]
-    return config.get("vocab_size")
-
-
-def plan_policy(src: Source, dtype: torch.dtype, *, allow_nonfinite: bool) -> tuple[list[TensorRef], dict]:
+def plan_policy(src: Source, dtype: torch.dtype, *, allow_nonfinite: bool) -> list[TensorRef]:
     refs = strip_wrappers(list(src.weights))
     if src.adapter is not None:
         refs = apply_adapter(refs, src.adapter)
-    refs, tied = tie_embeddings(refs, src.config)
-    refs = [cast(r, dtype, allow_nonfinite=allow_nonfinite) for r in refs]
-    cfg = folder.model_config(src, dtype=dtype, vocab_size=_vocab_rows(refs, src.config), tied=tied)
-    return refs, cfg
+    refs, _ = tie_embeddings(refs, src.config)
+    return [cast(r, dtype, allow_nonfinite=allow_nonfinite) for r in refs]
 
 
-def plan(src: Source, *, target: str = "policy", dtype: str = "auto", allow_nonfinite: bool = False) -> Plan:
+def refuse_non_policy(src: Source) -> None:
+    """A reward or value model has no trained LM head: exporting it as a policy would serve random logits."""
+    names = {r.name for r in src.weights}
+    arch = (src.config.get("architectures") or ["?"])[0]
+    score = next((n for n in names if n.endswith(("score.weight", "value_head.weight"))), None)
+    causal = str(arch).endswith(folder.CAUSAL_SUFFIXES)
+    if score is not None or not causal:
+        what = f"architectures {arch}" + (f", a {score} head" if score else "") + \
+            ("" if archs.embedding_pair(src.config)[1] in names else ", no lm_head")
+        raise RlexportError("not-a-policy", f"this is a reward or value model ({what}): it has no trained LM head",
+                            file=src.path, hint="export it with --target value")
+
+
+def plan(src: Source, *, target: str = "policy", dtype: str = "auto", allow_nonfinite: bool = False,
+         normalize: bool = True) -> Plan:
+    """`normalize`: fold a reward normalisation (OpenRLHF's mean/std) into the value head (False: the raw head)."""
     if target not in TARGETS:
         raise RlexportError("bad-target", f"unknown target '{target}'", hint=f"use one of {', '.join(TARGETS)}")
     if src.stage == "ppo-reward-adapter":
@@ -89,15 +96,18 @@ def plan(src: Source, *, target: str = "policy", dtype: str = "auto", allow_nonf
     if target == "policy" and src.stage == "rm":
         raise RlexportError("rm-has-no-policy", "this is a reward-model (stage rm) checkpoint: its LM head was "
                             "never trained", file=src.path, hint="export it with --target value")
+    if target == "policy":
+        refuse_non_policy(src)
     if target not in src.targets:
         raise RlexportError("target-unavailable", f"this checkpoint offers {', '.join(src.targets)}, not {target}",
                             file=src.path, hint=f"use --target {src.targets[0]}")
     dt, why = resolve_dtype(src, dtype)
     if target == "policy":
-        refs, cfg = plan_policy(src, dt, allow_nonfinite=allow_nonfinite)
+        refs, record = plan_policy(src, dt, allow_nonfinite=allow_nonfinite), None
     else:
         from .heads import plan_value
-        refs, cfg = plan_value(src, dt, allow_nonfinite=allow_nonfinite)
+        refs, record = plan_value(src, dt, allow_nonfinite=allow_nonfinite, normalize=normalize)
+    cfg = folder.derive_config(src, refs, dtype=dt, target=target, record=record)
     # A value model generates nothing, but keeping generation_config keeps the eos ids next to the tokenizer.
     return Plan(src, target, dt, why, tuple(refs), cfg, {"generation_config.json": folder.generation_config(src)})
 
@@ -145,6 +155,8 @@ def write(p: Plan, out: Path, *, max_shard_size="5GB", force: bool = False,
     clean_stale(out)
     shards = plan_shards(list(p.tensors), parse_size(max_shard_size), link=link)
     with AtomicFolder(out, force=force) as tmp:
+        write_folder_files(p, tmp)
+        self_check(tmp, list(p.tensors))  # the plan, before a byte of weights is written
         # one pipeline over all shards: a shard's fsync overlaps the next shard's reads, merges and writes
         try:
             write_shards([(tmp / shard.filename, shard) for shard in shards], on_bytes, link=link)
@@ -154,10 +166,7 @@ def write(p: Plan, out: Path, *, max_shard_size="5GB", force: bool = False,
             raise
         log.info("wrote %d shard(s), %d tensors", len(shards), len(p.tensors))
         write_index(tmp, shards)
-        folder.write_json(tmp / "config.json", p.config)
-        for name, data in p.extra_files.items():
-            folder.write_json(tmp / name, data)
-        folder.copy_tokenizer(p.source, tmp)
+        self_check(tmp)  # what was written, from its headers: an export vLLM would refuse is never committed
         files = tuple(sorted(x.name for x in tmp.iterdir()))
         check_unchanged(p.source.path, p.source.base_dir)  # before the commit: a mix of two versions never lands
     hint = f"vllm serve {out}" if p.target == "policy" else \
@@ -166,10 +175,17 @@ def write(p: Plan, out: Path, *, max_shard_size="5GB", force: bool = False,
                   len(shards), files, hint)
 
 
+def write_folder_files(p: Plan, tmp: Path) -> None:
+    folder.write_json(tmp / "config.json", p.config)
+    for name, data in p.extra_files.items():
+        folder.write_json(tmp / name, data)
+    folder.copy_tokenizer(p.source, tmp)
+
+
 def export(ckpt: str | Path, out: str | Path, *, base: str | Path | None = None, target: str = "policy",
            dtype: str = "auto", max_shard_size: str | int = "5GB", force: bool = False,
            allow_nonfinite: bool = False, on_bytes: Callable[[int], None] | None = None,
-           adapter: str | None = None, link: str = "auto", tag: str | None = None) -> Report:
+           adapter: str | None = None, link: str = "auto", tag: str | None = None, normalize: bool = True) -> Report:
     """Export a training checkpoint to a Hugging Face folder vLLM serves. Mirrors `rlexport export`.
 
     Example:
@@ -177,9 +193,10 @@ def export(ckpt: str | Path, out: str | Path, *, base: str | Path | None = None,
 
     `adapter` picks one adapter of a PEFT folder holding several (`default` is the root's); `tag` one DeepSpeed
     checkpoint (`global_stepN/`) of a folder holding several, instead of `latest` (or of complete HF weights).
+    `normalize=False` (`--no-normalize`) exports a value head without its reward normalisation folded in.
     """
     from .formats.peft import select_adapter
     src = open_checkpoint(select_adapter(ckpt, adapter), base=base, tag=tag)
     check_out(Path(out), src, force=force)
-    return write(plan(src, target=target, dtype=dtype, allow_nonfinite=allow_nonfinite), Path(out),
+    return write(plan(src, target=target, dtype=dtype, allow_nonfinite=allow_nonfinite, normalize=normalize), Path(out),
                  max_shard_size=max_shard_size, force=force, on_bytes=on_bytes, link=link)

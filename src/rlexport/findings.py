@@ -34,6 +34,8 @@ CODES: dict[str, tuple[str, str]] = {
     # what the checkpoint is
     "reward-model": ("F38", "a reward-model (stage rm) checkpoint: the LM head is untrained"),
     "value-head-present": ("F05 F38", "a TRL / LLaMA-Factory value head (v_head.summary) is in or beside the weights"),
+    "reward-normalization": ("F38", "a reward normalisation (mean, std) in config.json: folded into the exported head"),
+    "head-not-saved": ("F38", "a LoRA reward model / critic whose head was trained as a LoRA target and never saved"),
     "reward-adapter-beside": ("F38", "a PPO reward adapter saved beside the policy, without its head"),
     "optimizer-state": ("F01", "optimizer / scheduler / DeepSpeed state files beside the weights"),
     # adapters

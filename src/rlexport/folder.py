@@ -8,27 +8,68 @@ from pathlib import Path
 
 import torch
 
+from . import archs
+from .errors import RlexportError
 from .formats import Source
 from .formats.common import TOKENIZER_FILES, json_or_empty
-from .tensors import dtype_name
+from .tensors import TensorRef, dtype_name
 
 # Keys trainers flip for training that make no sense when serving.
 SERVING_DEFAULTS = {"use_cache": True}
+CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
+SCORE = "score.weight"
 
 
-def model_config(src: Source, *, dtype: torch.dtype, vocab_size: int | None, tied: bool,
-                 updates: dict | None = None) -> dict:
+def architecture(config: dict, target: str, *, file) -> str:
+    """The class the export is loaded as: the base's causal LM (policy) or its token classifier (value)."""
+    for arch in config.get("architectures") or []:
+        for suffix in CAUSAL_SUFFIXES:
+            if arch.endswith(suffix):
+                return arch if target == "policy" else arch[: -len(suffix)] + "ForTokenClassification"
+    what = "a causal LM" if target == "policy" else "a token-classification architecture"
+    raise RlexportError("no-causal-architecture", f"cannot derive {what} from architectures "
+                        f"{config.get('architectures')}", file=file,
+                        hint="pass --base the causal-LM model the checkpoint was trained from")
+
+
+def _text(cfg: dict) -> dict:
+    """The sub-config that describes the language model (multimodal configs nest it in text_config)."""
+    return cfg["text_config"] if isinstance(cfg.get("text_config"), dict) and "vocab_size" not in cfg else cfg
+
+
+def derive_config(src: Source, refs: list[TensorRef], *, dtype: torch.dtype, target: str,
+                  record: dict | None = None) -> dict:
+    """config.json for exactly the tensors that will be written: the one place every target's config comes from.
+
+    The base's config supplies what the tensors cannot say (layers, rope, eos ...); everything the tensors do
+    say wins: vocab_size and hidden_size from the embedding, tie_word_embeddings from whether an output layer
+    is written, num_labels from the score head, architectures from the target.
+    """
     cfg = copy.deepcopy(src.config)
+    text = _text(cfg)
+    by_name = {r.name: r for r in refs}
+    emb_name, head_name = archs.embedding_pair(cfg)
+    emb = by_name.get(emb_name)
     name = dtype_name(dtype)
     cfg["torch_dtype"] = name  # transformers < 5 and vLLM's older readers
     cfg["dtype"] = name        # transformers >= 5
-    if vocab_size is not None:
-        cfg["vocab_size"] = vocab_size
+    if emb is not None and len(emb.shape) == 2:
+        text["vocab_size"] = emb.shape[0]
+        if "hidden_size" in text:
+            text["hidden_size"] = emb.shape[1]
+    tied = target == "policy" and emb is not None and head_name not in by_name
     cfg["tie_word_embeddings"] = tied
     if isinstance(cfg.get("text_config"), dict):
         cfg["text_config"]["tie_word_embeddings"] = tied
+    cfg["architectures"] = [architecture(src.config, target, file=src.path)]
+    if SCORE in by_name:
+        n = by_name[SCORE].shape[0]
+        labels = ["value"] if n == 1 else [f"LABEL_{i}" for i in range(n)]
+        cfg.update(num_labels=n, id2label={str(i): lab for i, lab in enumerate(labels)},
+                   label2id={lab: i for i, lab in enumerate(labels)}, problem_type="regression")
     cfg.update(SERVING_DEFAULTS)
-    cfg.update(updates or {})
+    if record is not None:
+        cfg["rlexport"] = record
     return cfg
 
 

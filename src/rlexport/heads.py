@@ -18,57 +18,74 @@ from __future__ import annotations
 
 import torch
 
-from . import folder
 from .errors import RlexportError
 from .formats import Source
 from .tensors import TensorRef
 from .transforms import apply_adapter, cast, strip_wrappers, tie_embeddings
 
 HEAD_NAMES = {"weight": "score.weight", "bias": "score.bias"}
-CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
 OUTPUT_LAYERS = ("lm_head.weight", "lm_head.bias", "embed_out.weight")
 
 
-def value_architecture(config: dict, *, file) -> str:
-    for arch in config.get("architectures") or []:
-        for suffix in CAUSAL_SUFFIXES:
-            if arch.endswith(suffix):
-                return arch[: -len(suffix)] + "ForTokenClassification"
-    raise RlexportError("no-value-architecture", f"cannot derive a token-classification architecture from "
-                        f"{config.get('architectures')}", file=file,
-                        hint="the value target supports causal-LM bases (architectures ending in ForCausalLM)")
-
-
-def head_refs(src: Source) -> list[TensorRef]:
-    if not src.value_head:
-        where = "the PPO reward adapter's head is kept in memory by LLaMA-Factory, never saved" \
-            if src.stage == "ppo-reward-adapter" else "no v_head.summary.* tensors or value_head.safetensors"
-        raise RlexportError("value-head-missing", f"no value head to export ({where})", file=src.path,
-                            hint="export the reward model from its own RM run folder, which saves the head")
+def _by_kind(src: Source) -> dict[str, TensorRef]:
+    prefix = src.head.prefix
     by_kind = {}
     for ref in src.value_head:
         kind = ref.name.rsplit(".", 1)[-1]
-        if kind not in HEAD_NAMES or not ref.name.endswith(f"summary.{kind}"):
+        if kind not in HEAD_NAMES or not ref.name.endswith(f"{prefix.rsplit('.', 1)[-1]}.{kind}"):
             raise RlexportError("value-head-unknown", f"unexpected value-head tensor '{ref.name}'",
-                                file=ref.origin, hint="only TRL's v_head.summary (Linear(hidden, 1)) is supported")
+                                file=ref.origin, hint=f"expected {prefix}.weight and optionally {prefix}.bias")
         by_kind[kind] = ref
     if "weight" not in by_kind:
         raise RlexportError("value-head-missing", "value head has a bias but no weight", file=src.value_head_file,
                             hint="copy the complete value_head.safetensors from the training run")
+    return by_kind
+
+
+def head_refs(src: Source, *, normalize: bool = True) -> list[TensorRef]:
+    """`score.weight` and `score.bias` in float32, with the reward normalisation folded in when there is one.
+
+    OpenRLHF serves (h @ w + b - mean) / std; folding gives w' = w / std, b' = (b - mean) / std, computed in
+    float64 and rounded once to float32, so the engine's raw output is the trainer's normalised reward. A head
+    saved without a bias gets a zero one: the token classifier's score has a bias, and a missing one would be
+    initialised at random by transformers.
+    """
+    if not src.value_head:
+        where = "the PPO reward adapter's head is kept in memory by LLaMA-Factory, never saved" \
+            if src.stage == "ppo-reward-adapter" else "no v_head.summary.* or score.* head tensors"
+        raise RlexportError("value-head-missing", f"no value head to export ({where})", file=src.path,
+                            hint="export the reward model from its own RM run folder, which saves the head")
+    by_kind = _by_kind(src)
     w = by_kind["weight"]
     if len(w.shape) != 2 or w.shape[0] != 1:
-        raise RlexportError("value-head-shape", f"v_head.summary.weight has shape {list(w.shape)}, expected [1, H]",
+        raise RlexportError("value-head-shape", f"{w.name} has shape {list(w.shape)}, expected [1, H]",
                             file=w.origin, hint="only single-output value heads are supported")
+    b = by_kind.get("bias") or TensorRef("score.bias", torch.float32, (1,), lambda: torch.zeros(1), w.origin)
+    info = src.head
+    mean, std = (info.mean, info.std) if normalize and info.normalizable else (0.0, 1.0)
     # The head stays float32 whatever the body's dtype: vLLM runs pooling heads in float32 anyway, and a
     # bias like 4.8 would lose 2 digits in bfloat16.
-    out = [cast(w.renamed(HEAD_NAMES["weight"]), torch.float32)]
-    if "bias" in by_kind:
-        out.append(cast(by_kind["bias"].renamed(HEAD_NAMES["bias"]), torch.float32))
-    return out
+    return [w.renamed(HEAD_NAMES["weight"]).mapped(lambda t: (t.double() / std).float(), dtype=torch.float32),
+            b.renamed(HEAD_NAMES["bias"]).mapped(lambda t: ((t.double() - mean) / std).float(), dtype=torch.float32)]
 
 
-def plan_value(src: Source, dtype: torch.dtype, *, allow_nonfinite: bool) -> tuple[list[TensorRef], dict]:
-    head = head_refs(src)
+def head_record(src: Source, *, normalize: bool = True) -> dict:
+    """What config.json's `rlexport` field says about the head: where it came from and what it serves."""
+    info = src.head
+    folded = normalize and info.normalizable
+    serves = ("normalised reward (score - mean) / std" if folded else "raw reward") if info.pooling == "last" \
+        else ("normalised per-token value" if folded else "per-token value")
+    return {"target": "value", "head": info.prefix, "convention": info.convention, "stage": src.stage,
+            "head_bias": len(src.value_head) == 2, "mean": info.mean, "std": info.std,
+            "normalization_folded": folded, "serves": serves,
+            "pooling": ("last token (classify)" if info.pooling == "last" else "every token (token_classify)")
+            + "; token_classify = every token, classify = last token", "activation": "none"}
+
+
+def plan_value(src: Source, dtype: torch.dtype, *, allow_nonfinite: bool,
+               normalize: bool = True) -> tuple[list[TensorRef], dict]:
+    """The body (no output layer) and the float32 score head; and the `rlexport` record for config.json."""
+    head = head_refs(src, normalize=normalize)
     refs = strip_wrappers(list(src.weights))
     if src.adapter is not None:
         refs = apply_adapter(refs, src.adapter)
@@ -78,14 +95,4 @@ def plan_value(src: Source, dtype: torch.dtype, *, allow_nonfinite: bool) -> tup
         raise RlexportError("value-head-shape", f"value head expects hidden size {head[0].shape[1]}, the model "
                             f"has {hidden}", file=src.value_head_file, hint="pass the --base the head was trained on")
     body = [cast(r, dtype, allow_nonfinite=allow_nonfinite) for r in refs if r.name not in OUTPUT_LAYERS]
-    has_bias = len(head) == 2
-    cfg = folder.model_config(src, dtype=dtype, vocab_size=None, tied=False, updates={
-        "architectures": [value_architecture(src.config, file=src.path)],
-        "num_labels": 1, "id2label": {"0": "value"}, "label2id": {"value": 0},
-        "problem_type": "regression",
-        # Documented in the README: where the head came from and how to get raw per-token values.
-        "rlexport": {"target": "value", "head": "v_head.summary", "head_bias": has_bias,
-                     "stage": src.stage, "pooling": "token_classify (all tokens); classify = last token",
-                     "activation": "none"},
-    })
-    return body + head, cfg
+    return body + head, head_record(src, normalize=normalize)

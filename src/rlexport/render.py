@@ -45,8 +45,12 @@ def render_inspect(console: Console, report: dict) -> None:
                      + (f", full tensors: {', '.join(a['full_tensors'][:3])}" if a["full_tensors"] else ""))
     if report.get("head"):
         h = report["head"]
-        head.add_row("head", f"{h['role']} head: " + ", ".join(f"{t['name']} {t['shape']} {t['dtype']}"
-                                                               for t in h["tensors"]))
+        head.add_row("head", f"{h['role']} head ({h.get('convention', 'trl-v-head')}): " + ", ".join(
+            f"{t['name']} {t['shape']} {t['dtype']}" for t in h["tensors"]))
+        if h.get("serves"):
+            other = f"; --no-normalize: {h['raw_serves']}" if h.get("normalization_folded") else ""
+            head.add_row("serves", f"--target value serves the {h['serves']}" + (
+                f" (mean {h['mean']:g}, std {h['std']:g} folded in)" if h.get("normalization_folded") else "") + other)
     v = report.get("vocab") or {}
     if any(v.values()):
         head.add_row("vocab", f"config {v.get('config')}, embedding rows {v.get('embedding_rows')}, "
@@ -56,6 +60,11 @@ def render_inspect(console: Console, report: dict) -> None:
         dtypes = ", ".join(f"{k} {n}" for k, n in info.get("dtypes", {}).items())
         label = f"{group} files" if info.get("count") is None else f"{group} tensors"
         head.add_row(label, f"{count}, {_mb(info['bytes'])}" + (f" ({dtypes})" if dtypes else ""))
+    tp = report.get("tensor_parallel") or {}
+    if tp.get("sizes"):
+        refused = "; ".join(f"{k}: {v}" for k, v in tp.get("refused", {}).items())
+        head.add_row("tensor parallel", f"vLLM accepts {', '.join(map(str, tp['sizes']))}"
+                     + (f" (refuses {refused})" if refused else ""))
     if not report.get("complete", True):
         head.add_row("note", "[yellow]partial diagnosis: the checkpoint could not be opened (see the error)[/]")
     console.print(head)

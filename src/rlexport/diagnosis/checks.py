@@ -38,9 +38,45 @@ def check_value_head(src: Source, facts: Facts) -> list[Finding]:
     else:
         engine = "vLLM and transformers ignore it: the value model is lost unless exported with --target value"
     role = "reward" if src.stage == "rm" else "value"
+    head = src.head
+    if head.convention != "trl-v-head":
+        return _sequence_head(src, head, role) + _normalization(src, head)
     return [Finding("value-head-present", "warning", f"a TRL/LLaMA-Factory {role} head (v_head.summary) is {where}",
                     engine, f"{export_cmd(src)} (policy) and {export_cmd(src, ' --target value')}",
                     str(f or ""), names_of(src.value_head))]
+
+
+CONVENTIONS = {"openrlhf": "an OpenRLHF {arch} ({prefix}.weight [1, H], no bias; a class created at run time)",
+               "sequence-classification": "a *ForSequenceClassification reward model (TRL RewardTrainer: score "
+                                          "without bias)",
+               "token-classification": "a token-classification critic (score.weight + score.bias; verl saves it "
+                                       "with the base's causal-LM config.json)"}
+ENGINES = {"openrlhf": "vLLM: ValueError: Model architectures ['{arch}'] are not supported for now; transformers "
+                       "cannot import the class either",
+           "sequence-classification": "vLLM serves it with a sigmoid on the one label (squashed rewards) unless "
+                                      "told use_activation=False; transformers drops nothing",
+           "token-classification": "vLLM and transformers load it as a causal LM: the score head is ignored and "
+                                   "lm_head is random"}
+
+
+def _sequence_head(src: Source, head, role: str) -> list[Finding]:
+    arch = (src.config.get("architectures") or ["?"])[0] if head.convention != "openrlhf" else \
+        ("RewardModel" if head.pooling == "last" else "CriticModel")
+    what = CONVENTIONS[head.convention].format(arch=arch, prefix=head.prefix)
+    return [Finding("value-head-present", "warning", f"{what}: the {role} model's head", ENGINES[head.convention]
+                    .format(arch=arch), export_cmd(src, " --target value"), str(src.value_head_file or ""),
+                    names_of(src.value_head))]
+
+
+def _normalization(src: Source, head) -> list[Finding]:
+    if not head.normalizable:
+        return []
+    said = "true" if head.normalize_in_config else "false (OpenRLHF's reward trainer always saves false)"
+    return [Finding("reward-normalization", "info", f"config.json carries the reward normalisation mean "
+                    f"{head.mean:g}, std {head.std:g} (normalize_reward: {said}); the export folds it into the "
+                    f"head: served = (score - {head.mean:g}) / {head.std:g}, what the PPO run that used the model "
+                    "computes", "", f"{export_cmd(src, ' --target value')}; add --no-normalize for the raw head",
+                    str(src.path / "config.json"))]
 
 
 def check_adapter(src: Source, facts: Facts) -> list[Finding]:

@@ -25,7 +25,7 @@ PARTIAL = {"adapter-without-config": "adapter-without-config", "base-unresolved"
            "unsupported-peft-type": "unsupported-peft-type", "unsupported-lora-variant": "unsupported-peft-type",
            "unsupported-lora-init": "unsupported-peft-type", "adapter-rank-mismatch": "zero3-placeholder",
            "empty-adapter": "zero3-placeholder", "adapter-base-mismatch": "base-shape-mismatch",
-           "base-shape-mismatch": "base-shape-mismatch"}
+           "base-shape-mismatch": "base-shape-mismatch", "head-not-saved": "head-not-saved"}
 
 
 @dataclass
@@ -45,6 +45,8 @@ def arch_of(src: Source) -> str:
 
 
 def export_cmd(src: Source, extra: str = "") -> str:
+    if not extra and src.targets and "policy" not in src.targets:
+        extra = f" --target {src.targets[0]}"  # a reward model or critic exports only as one
     return f"rlexport export {src.path} --out OUT{extra}"
 
 

@@ -32,9 +32,14 @@ def summary(src: Source, facts: Facts | None = None) -> dict:
                                "files": [str(f.relative_to(src.path)) for f in opt]}
     head = None
     if src.value_head:
+        from ..heads import head_record
+        rec = head_record(src)
         head = {"role": "reward" if src.stage == "rm" else "value", "file": str(src.value_head_file or ""),
                 "tensors": [{"name": r.name, "shape": list(r.shape), "dtype": dtype_name(r.dtype)}
-                            for r in src.value_head]}
+                            for r in src.value_head],
+                "convention": rec["convention"], "mean": rec["mean"], "std": rec["std"],
+                "normalization_folded": rec["normalization_folded"], "serves": rec["serves"],
+                "raw_serves": head_record(src, normalize=False)["serves"]}
     adapter = None
     if src.adapter is not None:
         a = src.adapter
@@ -54,7 +59,17 @@ def summary(src: Source, facts: Facts | None = None) -> dict:
         "tensors": groups,
         "pieces": [{"kind": p.kind, "path": str(p.path), "note": p.note} for p in src.pieces],
         "scanned": bool(facts and facts.scanned),
+        "tensor_parallel": tensor_parallel(src.config, facts.embedding_rows if facts else None),
     }
+
+
+def tensor_parallel(config: dict, rows: int | None) -> dict:
+    """The TP sizes vLLM accepts for the export (its vocabulary is the embedding's rows), and why others fail."""
+    from .. import parallel
+    cfg = dict(config, vocab_size=rows) if rows else config
+    sizes = parallel.accepted_sizes(cfg)
+    return {"sizes": sizes, "refused": {str(tp): parallel.refusals(cfg, tp)[0].split(" (")[0]
+                                        for tp in (2, 4, 8, 16) if tp not in sizes}}
 
 
 def _partial(ckpt: Path, e: RlexportError) -> dict:
@@ -79,6 +94,8 @@ def _partial(ckpt: Path, e: RlexportError) -> dict:
         "zero3-placeholder": "PEFT: size mismatch for …lora_A.default.weight: copying a param with shape "
                              "torch.Size([0]) from checkpoint",
         "base-shape-mismatch": "PEFT: size mismatch for …lora_A.default.weight (the base has other shapes)",
+        "head-not-saved": "PEFT + OpenRLHF (and its lora_combiner) load a randomly initialised head: every reward "
+                          "is wrong",
     }[code]
     message = e.message
     if code == "zero3-placeholder" and empty:
@@ -95,7 +112,8 @@ def _partial(ckpt: Path, e: RlexportError) -> dict:
             "format": "peft", "producer": None, "stage": None, "architecture": None, "model_type": None,
             "base": None, "targets": [], "target_commands": {}, "head": None, "adapter": None,
             "vocab": {"config": None, "embedding_rows": None, "tokenizer": None}, "dtypes": {},
-            "tensors": groups, "pieces": [], "scanned": False, "findings": [f.to_json() for f in findings]}
+            "tensors": groups, "pieces": [], "scanned": False,
+            "tensor_parallel": {"sizes": [], "refused": {}}, "findings": [f.to_json() for f in findings]}
 
 
 def inspect(ckpt: str | Path, *, base: str | Path | None = None, scan: bool | str = "auto") -> dict:

@@ -26,6 +26,8 @@ FORMATS: tuple[Format, ...] = (
     # a raw DeepSpeed checkpoint wins only where no complete HF/adapter weights are beside it (or --tag asks)
     Format("deepspeed", "rlexport.formats.deepspeed", "raw DeepSpeed ZeRO-1/2/3 checkpoint (latest + "
            "global_stepN/), fp32 weights rebuilt from the optimizer partitions"),
+    Format("verl", "rlexport.formats.verl", "verl FSDP/FSDP2 checkpoint (latest_checkpointed_iteration.txt + "
+           "global_step_N/actor|critic/ with one model_world_size_W_rank_R.pt per rank)"),
     Format("peft", "rlexport.formats.peft", "PEFT adapter folder (LoRA), with or without a value head"),
     Format("hf", "rlexport.formats.hf", "Hugging Face model folder (full fine-tune), value head inside or beside"),
 )
@@ -45,7 +47,7 @@ class Source:
     kind: str                      # the Format.kind that read it
     path: Path                     # what the user passed
     producer: str                  # "llama-factory" | "trl" | "peft" | "transformers"
-    stage: str | None              # "ppo" | "rm" | "sft/dpo" | None when unknown
+    stage: str | None              # "ppo" | "rm" | "critic" | "sft/dpo" | None when unknown
     config: dict                   # the model's config.json (the base's for an adapter)
     config_dir: Path               # where config.json / generation_config.json come from
     weights: tuple[TensorRef, ...]  # the model weights as stored (the base's for an adapter)
@@ -56,10 +58,21 @@ class Source:
     base_dir: Path | None = None
     base_config: dict | None = None
     pieces: tuple[Piece, ...] = field(default=())
+    head_info: object | None = None          # formats.value_heads.HeadInfo; None: TRL's v_head if value_head
+
+    @property
+    def head(self):
+        """How the value head in `value_head` was saved and what it computes (None without a head)."""
+        if not self.value_head:
+            return None
+        if self.head_info is not None:
+            return self.head_info
+        from .value_heads import HeadInfo
+        return HeadInfo("trl-v-head", "v_head.summary", "last" if self.stage == "rm" else "token")
 
     @property
     def targets(self) -> tuple[str, ...]:
-        if self.stage == "rm":
+        if self.stage in ("rm", "critic"):
             return ("value",)
         if self.stage == "ppo-reward-adapter":
             return ()  # a reward adapter without its head is neither a policy nor a servable reward model
@@ -99,7 +112,11 @@ def open_checkpoint(path: str | Path, *, base: str | Path | None = None, tag: st
 
     `tag` picks a DeepSpeed checkpoint (`global_stepN/`) inside `path` instead of `latest` or HF weights."""
     if tag is not None:
-        from .deepspeed import with_tag
-        path = with_tag(path, tag)
+        from . import verl
+        if verl.detect(Path(path)):
+            path = verl.with_tag(path, tag)
+        else:
+            from .deepspeed import with_tag
+            path = with_tag(path, tag)
     fmt = detect(Path(path))
     return _module(fmt).read(Path(path), base=base)

@@ -1,7 +1,6 @@
 """Reading weight files: safetensors headers first, bytes on demand; pickles only with weights_only."""
 from __future__ import annotations
 
-import errno
 import json
 import os
 import pickle
@@ -17,23 +16,12 @@ from safetensors import SafetensorError, safe_open
 from ..errors import RlexportError
 from ..stream import FileSlice
 from ..tensors import FROM_ST, TensorRef
+from .access import unpickler_reason, _READ, quiet_torch_load, _stamp, check_unchanged, input_error, read_json, remember, torch_zip_cut_short  # noqa: F401 (re-exported)
+from .pickles import PtFile, records
 
 INDEX_NAMES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 
 
-def read_json(path: Path) -> dict:
-    try:
-        remember(path)
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise RlexportError("invalid-json", f"not valid JSON ({e})", file=path,
-                            hint="restore the file from the training run") from None
-    except OSError as e:
-        raise input_error(path, e) from None
-    if not isinstance(data, dict):
-        raise RlexportError("invalid-json", "expected a JSON object", file=path,
-                            hint="restore the file from the training run")
-    return data
 
 
 # One open handle per file, few files at once: safe_open mmaps, so a handle costs address space, not RSS.
@@ -47,24 +35,6 @@ def _corrupt(path: Path, err: Exception) -> RlexportError:
         return input_error(path, err)
     return RlexportError("corrupt-safetensors", f"unreadable safetensors file ({err})", file=path,
                          hint="the file is truncated or damaged; copy it again from the training machine")
-
-
-def input_error(path: Path | str, e: OSError) -> RlexportError:
-    """An OSError met while reading an input file, as the error the user can act on."""
-    if e.errno == errno.ELOOP:
-        return RlexportError("symlink-loop", "symbolic links loop back on themselves", file=path,
-                             hint="point the link at the real file")
-    if e.errno in (errno.EACCES, errno.EPERM):
-        return RlexportError("unreadable-file", f"cannot read: {e.strerror}", file=path,
-                             hint="give your user read permission on the checkpoint (and the base model)")
-    if e.errno == errno.ENOENT:
-        return RlexportError("missing-file", "file not found (or a dangling symlink)", file=path,
-                             hint="copy the file from the training run")
-    if e.errno == errno.EISDIR:
-        return RlexportError("not-a-file", "expected a file, found a folder", file=path,
-                             hint="remove the folder or put the file there")
-    return RlexportError("unreadable-file", f"cannot read: {e.strerror or e}", file=path,
-                         hint="check the file and the disk it is on")
 
 
 # ---- validating a safetensors header before anything trusts it ----
@@ -152,33 +122,6 @@ def check_safetensors(path: Path) -> dict:
 
 # ---- inputs must not change while they are read ----
 # (size, mtime_ns, inode) of every input file when it was opened; export compares them before it commits.
-_READ: dict[str, tuple[int, int, int]] = {}
-
-
-def _stamp(path: Path | str) -> tuple[int, int, int]:
-    st = os.stat(path)
-    return st.st_size, st.st_mtime_ns, st.st_ino
-
-
-def remember(path: Path | str) -> None:
-    _READ[os.path.abspath(path)] = _stamp(path)
-
-
-def check_unchanged(*folders: Path | str | None) -> None:
-    """Raise input-changed if a file read from one of the folders was modified or replaced since."""
-    roots = [os.path.join(os.path.abspath(f), "") for f in folders if f is not None]
-    for path, stamp in list(_READ.items()):
-        if not any(path.startswith(r) for r in roots):
-            continue
-        try:
-            now = _stamp(path)
-        except OSError:
-            now = None
-        if now != stamp:
-            raise RlexportError("input-changed", "the file changed while it was being exported", file=path,
-                                hint="wait until training has finished writing the checkpoint, then export again")
-
-
 def safetensors_refs(path: Path) -> list[TensorRef]:
     """TensorRefs for every tensor of a safetensors file, in file (offset) order."""
     before = _READ.get(os.path.abspath(path))
@@ -233,17 +176,6 @@ def safetensors_metadata(path: Path) -> dict:
         raise _corrupt(path, e) from None
 
 
-def torch_zip_cut_short(path: Path) -> bool:
-    """A torch.save zip file missing its end (a copy cut short): torch reads it as a legacy pickle and fails
-    with an OSError (EINVAL) that reads like a disk fault."""
-    try:
-        with open(path, "rb") as f:
-            magic = f.read(4)
-    except OSError:
-        return False  # torch.load reports the real read error
-    return magic == b"PK\x03\x04" and not zipfile.is_zipfile(path)
-
-
 def load_pickle_weights(path: Path, *, meta: bool = False) -> dict[str, torch.Tensor]:
     """A .bin/.pt state dict, read with weights_only=True: no code from the file ever runs. `meta` (zip files):
     tensors on the meta device, no byte of them read."""
@@ -254,14 +186,15 @@ def load_pickle_weights(path: Path, *, meta: bool = False) -> dict[str, torch.Te
                                 "missing)", file=path, hint="the file is truncated; copy it again")
         zipped = zipfile.is_zipfile(path)
         # mmap needs torch's zip format; older torch.save files are plain pickles (read the same safe way)
-        obj = torch.load(path, map_location="meta" if meta and zipped else "cpu", weights_only=True,
-                         mmap=zipped and not meta)
+        with quiet_torch_load():
+            obj = torch.load(path, map_location="meta" if meta and zipped else "cpu", weights_only=True,
+                             mmap=zipped and not meta)
     except RlexportError:
         raise
     except pickle.UnpicklingError as e:
         calls = re.search(r"GLOBAL (\S+) was not an allowed global", str(e))
         why = f"it would call {calls.group(1)}, which a plain tensor file never does" if calls else \
-            (str(e).strip().splitlines() or ["not a plain tensor file"])[0][:160]
+            unpickler_reason(e, "not a plain tensor file")
         raise RlexportError("unsafe-pickle", f"refused to unpickle: {why}; nothing in it was run",
                             file=path, hint="only plain tensor state dicts are read; convert the file to "
                                             "safetensors where it was made, if you trust it") from None
@@ -291,7 +224,6 @@ def _zip_pickle_refs(path: Path) -> list[TensorRef] | None:
     device and read with pread in row blocks by the writer (reading through torch's mmap would count every
     page read as resident memory: the process would grow by the model's size). None if a tensor is not stored
     contiguously (a strided view): then the file is loaded through the mmap instead."""
-    from .pickles import PtFile, records  # pickles imports this module
     sd = load_pickle_weights(path, meta=True)
     if not all(v.is_contiguous() for v in sd.values()):
         return None

@@ -12,6 +12,7 @@ from ..tensors import FLOATS
 from .common import (VALUE_HEAD_FILES, find_value_head, has_tokenizer, model_weights, pieces_beside, resolve_base,
                      trainer_stage)
 from .files import read_json, weight_files
+from .value_heads import causal_config, detect_head
 
 
 def detect(path: Path) -> bool:
@@ -23,6 +24,16 @@ def read(path: Path, *, base=None) -> Source:
     weights = model_weights(path)
     head, head_file = find_value_head(path, weights)
     producer, stage = trainer_stage(path, bool(head))
+    info = None
+    if not head:
+        found = detect_head(config, weights, file=path / "config.json")
+        if found is not None:  # a reward model or critic saved whole: the head is one of the model's tensors
+            info, head = found
+            head_file = Path(head[0].origin)
+            weights = [r for r in weights if r.name not in {h.name for h in head}]
+            config = causal_config(config, file=path / "config.json")
+            stage = "rm" if info.pooling == "last" else "critic"
+            producer = "openrlhf" if info.convention == "openrlhf" else producer
     if any(r.name.startswith("pretrained_model.") for r in weights) or \
             (head and producer == "transformers" and head_file not in {path / f for f in VALUE_HEAD_FILES}):
         producer = "trl"  # TRL's value-head wrapper keeps v_head.* inside the model weights
@@ -33,6 +44,7 @@ def read(path: Path, *, base=None) -> Source:
         kind="hf", path=path, producer=producer, stage=stage, config=config, config_dir=path,
         weights=tuple(weights), value_head=head, value_head_file=head_file, tokenizer_dirs=tuple(dirs),
         base_dir=base_dir, base_config=base_config, pieces=pieces_beside(path) + _raw_checkpoints(path, weights),
+        head_info=info,
     )
 
 

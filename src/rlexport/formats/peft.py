@@ -5,6 +5,7 @@ LLaMA-Factory PPO/RM and TRL with a PEFT config put the value head beside the ad
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from ..errors import RlexportError
@@ -12,6 +13,7 @@ from ..lora import read_adapter
 from . import Source
 from .common import (find_value_head, has_tokenizer, model_weights, pieces_beside, resolve_base,
                      trainer_stage)
+from .common import json_or_empty
 from .files import read_json, refs_of
 
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_model.bin")
@@ -43,6 +45,8 @@ def select_adapter(path: str | Path, name: str | None) -> Path:
     path = Path(path)
     found = adapters_in(path) if path.is_dir() and not (path / "config.json").is_file() else {}
     if name is None:
+        if "default" not in found and any((path / f).is_file() for f in ADAPTER_FILES):
+            return path  # the root's own adapter is meant (a reward/ beside it is not): read() names what is missing
         if "default" in found or len(found) <= 1:
             return next(iter(found.values()), path)
         raise RlexportError("several-adapters", f"the folder holds adapters {', '.join(found)}", file=path,
@@ -65,8 +69,12 @@ def adapter_file(path: Path) -> Path:
 def read(path: Path, *, base=None) -> Source:
     cfg_file = path / "adapter_config.json"
     if not cfg_file.is_file():
-        raise RlexportError("adapter-without-config", "adapter weights without adapter_config.json", file=path,
-                            hint="copy adapter_config.json from the training run")
+        beside = [p.name + "/" for p in sorted(path.iterdir()) if p.is_dir() and (p / "adapter_config.json").is_file()
+                  and not p.name.startswith("checkpoint-")]
+        also = f" (the adapter in {', '.join(beside)} is another model's, not this one)" if beside else ""
+        raise RlexportError("adapter-without-config", f"adapter weights without adapter_config.json{also}",
+                            file=path, hint="copy adapter_config.json from the training run (a checkpoint-N/ "
+                            "folder of the same run holds one with the same settings)")
     config = read_json(cfg_file)
     adapter = read_adapter(path, config, refs_of([adapter_file(path)]))
     base_dir = resolve_base(base if base is not None else config.get("base_model_name_or_path"),
@@ -75,7 +83,13 @@ def read(path: Path, *, base=None) -> Source:
     adapter = adapter.bind(base_config)  # the merge needs the architecture and the tied-embeddings flag
     head_files = [f for f in ("pytorch_model.bin",) if (path / f).is_file()]
     head, head_file = find_value_head(path, refs_of([path / f for f in head_files]) if head_files else [])
+    adapter, sequence_head = _sequence_head(path, adapter)
     producer, stage = trainer_stage(path, bool(head))
+    info = None
+    if sequence_head is not None:
+        info, head = sequence_head
+        head_file, producer, stage = path / "adapter_model.safetensors", "openrlhf", \
+            "rm" if info.pooling == "last" else "critic"
     if is_reward_adapter(path) and not head:
         stage = "ppo-reward-adapter"
     if producer == "transformers":
@@ -84,5 +98,38 @@ def read(path: Path, *, base=None) -> Source:
         kind="peft", path=path, producer=producer, stage=stage, config=base_config, config_dir=base_dir,
         weights=tuple(model_weights(base_dir)), adapter=adapter, value_head=head, value_head_file=head_file,
         tokenizer_dirs=tuple(d for d in (path, base_dir) if has_tokenizer(d)), base_dir=base_dir,
-        base_config=base_config, pieces=pieces_beside(path),
+        base_config=base_config, pieces=pieces_beside(path), head_info=info,
     )
+
+
+def _sequence_head(path: Path, adapter):
+    """An OpenRLHF LoRA reward model or critic: the head named by value_head_prefix in the config.json saved beside
+    the adapter. Saved whole (modules_to_save) it is the value head; trained only as a LoRA target, its base weight
+    (randomly initialised, then frozen) was never saved, and nothing can rebuild it."""
+    cfg = json_or_empty(path / "config.json")
+    if "value_head_prefix" not in cfg:
+        return adapter, None
+    prefix = str(cfg.get("value_head_prefix") or "score")
+    names = (f"{prefix}.weight", f"{prefix}.bias")
+    lora_on_head = [u for u in adapter.updates if u.target in names]
+    whole = {n: r for n, r in adapter.full.items() if n in names}
+    if lora_on_head and not whole:
+        raise RlexportError("head-not-saved", f"the adapter trains the reward head '{prefix}' as a LoRA target, but "
+                            f"the head's own weight was initialised at random in memory and never saved (OpenRLHF "
+                            f"LoRA reward models and critics)", file=path / "adapter_config.json",
+                            hint="export the full model saved by the training run instead, or retrain with the "
+                                 f"head in modules_to_save; no exporter can rebuild '{prefix}'")
+    if not whole:
+        return adapter, None
+    if lora_on_head:
+        raise RlexportError("unsupported-lora-variant", f"'{prefix}' is both saved whole and a LoRA target",
+                            file=path / "adapter_config.json", hint="merge it with PEFT and export the merged model")
+    arch = str((cfg.get("architectures") or [""])[0])
+    mean, std = (cfg.get("mean"), cfg.get("std"))
+    from .value_heads import HeadInfo, _norm
+    mean, std = _norm(cfg, path / "config.json")
+    info = HeadInfo("openrlhf", prefix, "token" if arch == "CriticModel" else "last", mean, std,
+                    bool(cfg.get("normalize_reward")))
+    rest = {n: r for n, r in adapter.full.items() if n not in names}
+    head = tuple(r.renamed(n) for n, r in whole.items())
+    return dataclasses.replace(adapter, full=rest, copies=adapter.copies - set(names)), (info, head)

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from ..errors import RlexportError
-from .files import input_error, remember, torch_zip_cut_short
+from .access import unpickler_reason, quiet_torch_load, input_error, remember, torch_zip_cut_short
 
 
 class ZeroStageEnum(enum.IntEnum):
@@ -127,7 +127,8 @@ def load_pt(path: Path, *, meta: bool = True) -> PtFile:
                                 file=path, hint="the file is truncated; copy it again from the training machine")
         zipped = zipfile.is_zipfile(path)
         with torch.serialization.safe_globals(SAFE_GLOBALS):
-            obj = torch.load(path, map_location="meta" if (meta and zipped) else "cpu", weights_only=True)
+            with quiet_torch_load():
+                obj = torch.load(path, map_location="meta" if (meta and zipped) else "cpu", weights_only=True)
         stored = records(path) if (meta and zipped) else None
     except RlexportError:
         raise
@@ -145,7 +146,7 @@ def load_pt(path: Path, *, meta: bool = True) -> PtFile:
 def unsafe(path: Path, e: Exception) -> RlexportError:
     calls = re.search(r"GLOBAL (\S+) was not an allowed global", str(e))
     why = f"it would call {calls.group(1)}, which no DeepSpeed checkpoint does" if calls else \
-        (str(e).strip().splitlines() or ["not a DeepSpeed checkpoint file"])[0][:160]
+        unpickler_reason(e, "not a DeepSpeed checkpoint file")
     return RlexportError("unsafe-pickle", f"refused to unpickle: {why}; nothing in it was run", file=path,
                          hint="only tensors and DeepSpeed's own bookkeeping classes are read; if you trust the "
                               "file, convert it where it was made")

@@ -22,22 +22,16 @@ from .. import archs
 from ..errors import RlexportError
 from ..tensors import FLOATS, TensorRef
 from . import deltas
-from .config import token_indices
+from .config import mismatch, token_indices
+from .deltas import fp32
+from .experts import plan_param
+from .others import plan_ia3, plan_loha, plan_lokr
 from .read import Adapter, Update
 from .streamed import Dora, LowRankMerge, Term, merge_whole
 
 log = logging.getLogger("rlexport")
 Op = Callable[[torch.Tensor], torch.Tensor]
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
-
-
-def fp32(ref: TensorRef) -> torch.Tensor:
-    return ref.load().to(torch.float32)
-
-
-def mismatch(what: str, adapter: Adapter, code: str = "base-shape-mismatch") -> RlexportError:
-    """A base that does not fit the adapter: other shapes (base-shape-mismatch) or missing tensors."""
-    return RlexportError(code, what, file=adapter.path, hint="pass the --base the adapter was trained on")
 
 
 class Merge:
@@ -176,19 +170,15 @@ class Merge:
             self.add(self.H, op)  # PEFT ties the token rows of the output embedding to the input's
 
     def _loha(self, u: Update) -> None:
-        from .others import plan_loha
         plan_loha(self, u)
 
     def _lokr(self, u: Update) -> None:
-        from .others import plan_lokr
         plan_lokr(self, u)
 
     def _ia3(self, u: Update) -> None:
-        from .others import plan_ia3
         plan_ia3(self, u)
 
     def _param(self, u: Update) -> None:
-        from .experts import plan_param
         plan_param(self, u)
 
     def _check_tying(self) -> None:

@@ -93,3 +93,8 @@ def token_indices(config: dict, module: str, embed_module: str) -> list[int] | N
             if module == key or module.endswith("." + key):
                 return [int(i) for i in idx]
     return None
+
+
+def mismatch(what: str, adapter, code: str = "base-shape-mismatch") -> RlexportError:
+    """A base that does not fit the adapter: other shapes (base-shape-mismatch) or missing tensors."""
+    return RlexportError(code, what, file=adapter.path, hint="pass the --base the adapter was trained on")

@@ -9,6 +9,11 @@ from __future__ import annotations
 import torch
 
 
+def fp32(ref) -> torch.Tensor:
+    """A TensorRef's values in float32, the one precision every formula here runs in."""
+    return ref.load().to(torch.float32)
+
+
 def linear_delta(a: torch.Tensor, b: torch.Tensor, scaling: float, fan_in_fan_out: bool) -> torch.Tensor:
     """peft lora.Linear.get_delta_weight: transpose(B @ A, fan_in_fan_out) * scaling."""
     d = b @ a

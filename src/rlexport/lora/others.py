@@ -4,13 +4,19 @@ layer is feed-forward). Linear layers only; convolutional (CP) factors and Conv1
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from .. import archs
 from ..errors import RlexportError
 from . import deltas
-from .apply import Merge, fp32, mismatch
+from .config import mismatch
+from .deltas import fp32
 from .read import Update
+
+if TYPE_CHECKING:
+    from .apply import Merge
 
 LOHA_PARTS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
 

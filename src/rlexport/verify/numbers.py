@@ -1,0 +1,368 @@
+"""Numbers: rebuild the training-time model independently of rlexport's merge and compare it with the export.
+
+The reference is built with the training stack, never with rlexport's transforms: base + adapter through PEFT
+(`PeftModel.from_pretrained`, unmerged, as in training) or the trainer's full weights loaded into the
+transformers class, with the value head as `Linear(hidden, 1)` on the last hidden state (after the final norm),
+as TRL/LLaMA-Factory apply it. Both sides run in float32, so a difference measures the export's weights.
+
+Plug-in point for value/reward exports: `head_scores(folder, prompts)` computes a classifier folder's per-token
+scores from its own `score.*` tensors (whatever the head class), and `reference(...)` the value head's.
+"""
+from __future__ import annotations
+
+import math
+import re
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..formats import Source
+from ..tensors import FLOATS, TensorRef, dtype_name
+from ..transforms import clean_name
+from .report import Check, failed, passed, skipped
+
+N = "numbers"
+TEXTS = ("The capital of France is", "def add(a, b):\n    return a +", "Once upon a time, there was a little",
+         "1, 2, 3, 4, 5,")
+# max |Δ| allowed, by the export's weight dtype: logprobs in nats, scores relative to max(1, |reference|).
+# Measured on the fixtures (bf16 exports of fp32-trained models): logprobs 0.003-0.007, scores 0.4 %.
+TOLERANCE = {torch.float32: 2e-3, torch.bfloat16: 0.05, torch.float16: 0.01}
+SCORE_TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 0.02, torch.float16: 0.005}
+CACHE_WEIGHTS_BYTES = 256_000_000  # references up to this size keep their weights for the next verify call
+_CACHE: dict[tuple, "Reference"] = {}
+ULPS = {torch.float32: 64, torch.bfloat16: 1, torch.float16: 1}  # weights check: allowed distance in ulps
+MANTISSA = {torch.float32: 23, torch.bfloat16: 7, torch.float16: 10}
+
+
+@dataclass
+class Numbers:
+    """What a model says on the prompts. logprobs[i][j] = log p(prompt[j+1] | prompt[:j+1])."""
+
+    logprobs: list[list[float]] = field(default_factory=list)
+    greedy: list[list[int]] = field(default_factory=list)
+    margins: list[list[float]] = field(default_factory=list)   # top1 - top2 logit at each greedy step
+    scores: list[list[float]] = field(default_factory=list)    # head output at every prompt position
+
+
+def tolerance(dtype: torch.dtype | None, table: dict = TOLERANCE) -> float:
+    return table.get(dtype, table[torch.bfloat16])
+
+
+@contextmanager
+def quiet():
+    """transformers' loading report and progress bars off: verify prints its own table (and --json its JSON)."""
+    from transformers.utils import logging as tlog
+    level, bar = tlog.get_verbosity(), tlog.is_progress_bar_enabled()
+    tlog.set_verbosity_error()
+    tlog.disable_progress_bar()
+    try:
+        yield
+    finally:
+        tlog.set_verbosity(level)
+        if bar:
+            tlog.enable_progress_bar()
+
+
+def make_prompts(tokenizer, rows: int | None) -> list[list[int]]:
+    """A few fixed texts through the tokenizer; seeded random ids when that fails or leaves the vocabulary."""
+    out = []
+    try:
+        out = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in TEXTS] if tokenizer is not None else []
+    except Exception:  # any tokenizer failure: fall back to ids
+        out = []
+    limit = rows or 2
+    if len(out) != len(TEXTS) or any(len(p) < 2 or max(p) >= limit for p in out):
+        g = torch.Generator().manual_seed(0)
+        out = [torch.randint(0, limit, (n,), generator=g).tolist() for n in (12, 9, 15, 7)]
+    return [p[:48] for p in out]
+
+
+# --- computing numbers ---------------------------------------------------------------------------------------------
+@torch.no_grad()
+def policy_numbers(model, prompts: list[list[int]], max_new_tokens: int) -> Numbers:
+    """Prompt logprobs and greedy continuations, all prompts in one left-padded batch with a KV cache."""
+    n, width = len(prompts), max(len(p) for p in prompts)
+    ids = torch.zeros((n, width), dtype=torch.long)
+    mask = torch.zeros((n, width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.tensor(p)
+        mask[i, width - len(p):] = 1
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
+    lp = torch.log_softmax(out.logits.float(), -1)
+    num = Numbers()
+    for i, p in enumerate(prompts):
+        off = width - len(p)
+        num.logprobs.append([lp[i, off + j - 1, p[j]].item() for j in range(1, len(p))])
+    last, past = out.logits[:, -1].float(), out.past_key_values
+    steps = []
+    for _ in range(max_new_tokens):
+        top = last.topk(2, dim=-1)
+        steps.append((top.indices[:, 0], top.values[:, 0] - top.values[:, 1]))
+        mask = torch.cat([mask, torch.ones((n, 1), dtype=torch.long)], -1)
+        pos = pos[:, -1:] + 1
+        out = model(input_ids=top.indices[:, :1], attention_mask=mask, position_ids=pos, past_key_values=past,
+                    use_cache=True)
+        last, past = out.logits[:, -1].float(), out.past_key_values
+    num.greedy = [[int(t[i]) for t, _ in steps] for i in range(n)]
+    num.margins = [[float(m[i]) for _, m in steps] for i in range(n)]
+    return num
+
+
+@torch.no_grad()
+def score_numbers(backbone, weight: torch.Tensor, bias: torch.Tensor | None, prompts,
+                  norm: tuple[float, float] | None = None) -> Numbers:
+    """The head on the final hidden states, as the trainer computes it (OpenRLHF: (score - mean) / std after)."""
+    w = weight.float()
+    b = bias.float() if bias is not None else None
+    scores = []
+    for p in prompts:
+        h = backbone(torch.tensor([p])).last_hidden_state[0].float()
+        s = h @ w.T + (b if b is not None else 0)
+        if norm is not None:
+            s = (s - norm[0]) / norm[1]
+        scores.append(s[:, 0].tolist())
+    return Numbers(scores=scores)
+
+
+def _backbone(causal_lm):
+    return getattr(causal_lm, causal_lm.base_model_prefix)
+
+
+def _load_full(src: Source, target: str = "policy"):
+    """The trainer's full weights in the transformers class, float32, loaded strictly."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    config = AutoConfig.from_pretrained(src.config_dir)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    state = {}
+    for r in src.weights:  # the head is not among them (Source.value_head)
+        name = clean_name(r.name)
+        if not name.startswith(("v_head.", "value_head.")):
+            state[name] = r.load().to(torch.float32)
+    result = model.load_state_dict(state, strict=False)
+    # a reward model or critic saved whole has no LM head; its value target never needs one
+    tied = {k for k in result.missing_keys if k.startswith("lm_head") and (config.tie_word_embeddings or
+                                                                          target == "value")}
+    if set(result.missing_keys) - tied or result.unexpected_keys:
+        raise ValueError(f"the checkpoint does not load into {type(model).__name__}: missing "
+                         f"{sorted(set(result.missing_keys) - tied)[:3]}, unexpected {result.unexpected_keys[:3]}")
+    model.tie_weights()
+    return model.eval()
+
+
+def _load_peft(src: Source):
+    """Base + adapter through PEFT, unmerged: the model as it ran in training."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+    base = AutoModelForCausalLM.from_pretrained(src.base_dir, dtype=torch.float32)
+    rows = next((r.shape[0] for n, r in src.adapter.full.items() if n.endswith("embed_tokens.weight")), None)
+    if rows is not None and rows != base.get_input_embeddings().weight.shape[0]:
+        base.resize_token_embeddings(rows)
+    return PeftModel.from_pretrained(base, src.path).eval()
+
+
+@dataclass
+class Reference:
+    numbers: Numbers
+    weights: dict[str, torch.Tensor] | None  # the merged float32 tensors, by export name (backbone + lm_head)
+    how: str
+
+
+def _key(src: Source, target: str, prompts, max_new_tokens: int) -> tuple:
+    files = [src.path / "adapter_model.safetensors", src.value_head_file, *(Path(r.origin) for r in src.weights[:1])]
+    stamp = tuple((str(f), f.stat().st_mtime_ns) for f in files if f is not None and Path(f).is_file())
+    return (str(Path(src.path).resolve()), str(src.base_dir), target, stamp, max_new_tokens,
+            tuple(map(tuple, prompts)))
+
+
+def reference(src: Source, target: str, prompts, *, max_new_tokens: int = 12, weights: bool = True,
+              normalize: bool = True) -> Reference:
+    """The training-time model's numbers (and merged weights) on the prompts, built with transformers/PEFT.
+
+    Small references are cached per process (verifying several exports of one checkpoint rebuilds it once).
+    """
+    key = _key(src, target, prompts, max_new_tokens) + (normalize,)
+    hit = _CACHE.get(key)
+    if hit is not None and (hit.weights is not None or not weights):
+        return hit
+    with quiet():
+        ref = _build(src, target, prompts, max_new_tokens, weights, normalize)
+    if ref.weights is None or sum(t.nbytes for t in ref.weights.values()) <= CACHE_WEIGHTS_BYTES:
+        _CACHE.clear()
+        _CACHE[key] = ref
+    return ref
+
+
+def _build(src: Source, target: str, prompts, max_new_tokens: int, weights: bool, normalize: bool = True) -> Reference:
+    if src.adapter is not None:
+        model, how = _load_peft(src), f"base {src.base_dir} + adapter {src.path} through PEFT (unmerged)"
+    else:
+        model, how = _load_full(src, target), f"the trainer's full weights {src.path}"
+    if target == "policy":
+        num = policy_numbers(model, prompts, max_new_tokens)
+    else:
+        if not src.value_head:
+            raise ValueError("the checkpoint has no value head to compare the exported head with")
+        head = {r.name.rsplit(".", 1)[-1]: r.load() for r in src.value_head}
+        inner = model.get_base_model() if src.adapter is not None else model
+        info = src.head
+        norm = (info.mean, info.std) if normalize and info.normalizable else None
+        num = score_numbers(_backbone(inner), head["weight"], head.get("bias"), prompts, norm)
+        how += f", value head {src.value_head_file}" + (f", normalised (x - {info.mean}) / {info.std}" if norm else "")
+    state = None
+    if weights:
+        merged = model.merge_and_unload() if src.adapter is not None else model
+        state = {k: v.detach() for k, v in merged.state_dict().items()}  # no copy: the model goes
+        if target == "value":
+            state = {k: v for k, v in state.items() if not k.startswith("lm_head")}
+    del model
+    return Reference(num, state, how)
+
+
+def head_scores(folder: Path, prompts, refs: dict[str, TensorRef]) -> tuple[Numbers, list[str]]:
+    """Per-token scores of a classifier folder: its backbone (transformers, float32) + its stored score.*."""
+    import transformers
+    from transformers import AutoConfig
+    config = AutoConfig.from_pretrained(folder)
+    cls = getattr(transformers, config.architectures[0])
+    with quiet():
+        model, info = cls.from_pretrained(folder, dtype=torch.float32, output_loading_info=True)
+    weight = refs["score.weight"].load()
+    bias = refs["score.bias"].load() if "score.bias" in refs else None
+    problems = _loading_problems(info, ignore={"score.bias"})
+    return score_numbers(_backbone(model), weight, bias, prompts), problems
+
+
+def _loading_problems(info: dict, ignore=frozenset()) -> list[str]:
+    out = []
+    for key in ("missing_keys", "unexpected_keys", "mismatched_keys"):
+        items = [k for k in (info.get(key) or []) if (k[0] if isinstance(k, tuple) else k) not in ignore]
+        if items:
+            out.append(f"transformers {key.replace('_', ' ')}: {sorted(map(str, items))[:3]}")
+    return out
+
+
+def export_numbers(folder: Path, target: str, prompts, refs: dict[str, TensorRef], *,
+                   max_new_tokens: int = 12) -> tuple[Numbers, list[str]]:
+    """The export loaded the way a user loads it (from_pretrained), upcast to float32; plus loading problems."""
+    if target == "value":
+        return head_scores(folder, prompts, refs)
+    from transformers import AutoModelForCausalLM
+    with quiet():
+        model, info = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, output_loading_info=True)
+    model.eval()
+    return policy_numbers(model, prompts, max_new_tokens), _loading_problems(info)
+
+
+# --- comparing -----------------------------------------------------------------------------------------------------
+def _max_diff(a: list[list[float]], b: list[list[float]]) -> tuple[float, tuple[int, int]]:
+    worst, where = 0.0, (0, 0)
+    for i, (ra, rb) in enumerate(zip(a, b)):
+        if len(ra) != len(rb):
+            return math.inf, (i, 0)
+        for j, (x, y) in enumerate(zip(ra, rb)):
+            d = abs(x - y) if x is not None and y is not None else 0.0
+            if not math.isfinite(d) or d > worst:
+                worst, where = (math.inf if not math.isfinite(d) else d), (i, j)
+    return worst, where
+
+
+def compare_logprobs(ref: Numbers, got: Numbers, dtype, *, name="logprobs", stage=N, what="export") -> Check:
+    tol = tolerance(dtype)
+    d, (i, j) = _max_diff(ref.logprobs, got.logprobs)
+    metrics = dict(max_diff=d, tolerance=tol, dtype=dtype_name(dtype) if dtype else None)
+    if d > tol:
+        return failed(name, stage, f"prompt logprobs differ by up to {d:.4g} (tolerance {tol:g})",
+                      [f"prompt {i}, token {j + 1}: reference {ref.logprobs[i][j]:.5f}, {what} "
+                       f"{got.logprobs[i][j] if j < len(got.logprobs[i]) else float('nan'):.5f}"], **metrics)
+    return passed(name, stage, f"max |Δ logprob| {d:.2g} <= {tol:g}", **metrics)
+
+
+def compare_greedy(ref: Numbers, got: Numbers, dtype, *, name="greedy", stage=N, what="export") -> Check:
+    tol = tolerance(dtype)
+    near_ties, details = 0, []
+    for i, (r, g) in enumerate(zip(ref.greedy, got.greedy)):
+        for k, (a, b) in enumerate(zip(r, g)):
+            if a == b:
+                continue
+            if ref.margins and ref.margins[i][k] < 2 * tol:
+                near_ties += 1  # a near-tie in the reference: either token is right; the rest is not comparable
+                break
+            details.append(f"prompt {i}, step {k}: reference token {a}, {what} {b} (reference margin "
+                           f"{ref.margins[i][k]:.3g})" if ref.margins else f"prompt {i}, step {k}: {a} vs {b}")
+            break
+    n = sum(len(r) for r in ref.greedy)
+    if details:
+        return failed(name, stage, f"greedy tokens diverge on {len(details)} of {len(ref.greedy)} prompts",
+                      details, near_ties=near_ties, tokens=n)
+    tie = f" ({near_ties} near-tie(s) skipped)" if near_ties else ""
+    return passed(name, stage, f"{n} greedy tokens equal{tie}", near_ties=near_ties, tokens=n)
+
+
+def compare_scores(ref: Numbers, got: Numbers, dtype, *, name="scores", stage=N, what="export",
+                   last_only: bool = False) -> Check:
+    r = [[s[-1]] for s in ref.scores] if last_only else ref.scores
+    g = [[s[-1]] for s in got.scores] if last_only and got.scores and len(got.scores[0]) > 1 else got.scores
+    scale = max([1.0] + [abs(x) for s in r for x in s])
+    tol = tolerance(dtype, SCORE_TOLERANCE) * scale
+    d, (i, j) = _max_diff(r, g)
+    metrics = dict(max_diff=d, tolerance=tol, positions="last" if last_only else "all")
+    if d > tol:
+        return failed(name, stage, f"head scores differ by up to {d:.4g} (tolerance {tol:.3g})",
+                      [f"prompt {i}, position {j}: reference {r[i][j]:.5f}, {what} "
+                       f"{g[i][j] if j < len(g[i]) else float('nan'):.5f}"], **metrics)
+    return passed(name, stage, f"max |Δ score| {d:.2g} <= {tol:.3g}", **metrics)
+
+
+def _ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    _, e = torch.frexp(x)  # x = m * 2**e, 0.5 <= |m| < 1
+    smallest = torch.finfo(dtype).smallest_normal * torch.finfo(dtype).eps
+    return torch.clamp(torch.ldexp(torch.ones_like(x), e - 1 - MANTISSA[dtype]), min=smallest)
+
+
+def _beyond(got: torch.Tensor, want: torch.Tensor) -> tuple[int, float]:
+    """(elements farther than the allowed ulps from `want` rounded to got's dtype, max |Δ|)."""
+    expect = want.to(got.dtype).float()
+    diff = (got.float() - expect).abs()
+    return int((diff > ULPS.get(got.dtype, 1) * _ulp(expect, got.dtype)).sum()), float(diff.max())
+
+
+def _lookalike(name: str, got: torch.Tensor, ref_state: dict[str, torch.Tensor]) -> str | None:
+    """The same tensor of another layer, when the exported one equals it (layers swapped or shifted)."""
+    m = re.search(r"\.(\d+)\.", name)
+    if m is None:
+        return None
+    for other, want in ref_state.items():
+        if other != name and re.sub(r"\.\d+\.", ".#.", other, count=1) == re.sub(r"\.\d+\.", ".#.", name, count=1) \
+                and tuple(want.shape) == tuple(got.shape) and _beyond(got, want)[0] == 0:
+            return other
+    return None
+
+
+def compare_weights(ref_state: dict[str, torch.Tensor] | None, refs: dict[str, TensorRef],
+                    dtype: torch.dtype | None) -> Check:
+    """Every exported tensor against the reference's merged weights rounded once to the export dtype."""
+    if ref_state is None:
+        return skipped("weights", N, "no reference weights")
+    bad, compared = [], 0
+    for name, ref in refs.items():
+        want = ref_state.get(name)
+        if want is None or ref.dtype not in FLOATS:
+            continue
+        compared += 1
+        got = ref.load()
+        if tuple(got.shape) != tuple(want.shape):
+            bad.append((name, got.numel(), math.inf))
+            continue
+        over, dmax = _beyond(got, want)
+        if over:
+            bad.append((name, over, dmax, _lookalike(name, got, ref_state)))
+    metrics = dict(compared=compared, differing=len(bad), ulps=ULPS.get(dtype, 1))
+    if bad:
+        return failed("weights", N, f"{len(bad)} of {compared} tensors differ from the reference's merged weights",
+                      [f"{n}: {k} elements beyond {ULPS.get(dtype, 1)} ulp (max |Δ| {m:.3g})" +
+                       (f"; it is the reference's {like}" if like else "") for n, k, m, like in bad[:6]], **metrics)
+    return passed("weights", N, f"{compared} tensors equal the reference rounded to {dtype_name(dtype)} "
+                  f"(<= {ULPS.get(dtype, 1)} ulp)" if dtype else f"{compared} tensors equal", **metrics)
