@@ -136,5 +136,11 @@ def test_a_reward_model_is_refused_as_a_policy_and_pointed_to_value(tmp_path):
     (rm / "config.json").write_text(json.dumps({**cfg, "architectures": ["RewardModel"]}))
     with pytest.raises(RlexportError) as e:
         rlexport.export(rm, tmp_path / "out")
-    assert e.value.code == "not-a-policy" and "--target value" in e.value.hint
+    assert e.value.code == "rm-has-no-policy" and "--target value" in e.value.hint  # recognised as a reward model
+    assert not (tmp_path / "out").exists()
+    # a head rlexport does not recognise is still never exported as a policy
+    (rm / "config.json").write_text(json.dumps({**cfg, "architectures": ["ValueModel"]}))
+    with pytest.raises(RlexportError) as e:
+        rlexport.export(rm, tmp_path / "out")
+    assert e.value.code == "not-a-policy" and "score.weight" in e.value.message and "--target value" in e.value.hint
     assert not (tmp_path / "out").exists()

@@ -137,3 +137,38 @@ def test_lora_reward_model_whose_head_was_never_saved_is_refused(tmp_path):
         assert e.value.code == "head-not-saved" and "never saved" in e.value.message
     report = rlexport.inspect(case / "ckpt")
     assert not report["complete"] and [f["code"] for f in report["findings"]][0] == "head-not-saved"
+
+
+def test_lora_critic_with_the_head_saved_whole_merges_body_and_head(tmp_path):
+    """An OpenRLHF-style LoRA critic: LoRA on the body, the `score` head in modules_to_save (saved whole), the
+    normalisation in the config.json save_model writes beside the adapter. Reference: the PEFT model's own
+    forward, normalised as OpenRLHF's critic does."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForTokenClassification
+    from factories import make_tiny_model
+    base = make_tiny_model(tmp_path / "base", dtype=torch.float32)
+    model = AutoModelForTokenClassification.from_pretrained(base, num_labels=1, dtype=torch.float32)
+    torch.manual_seed(5)
+    with torch.no_grad():
+        model.score.weight.normal_(0, 0.5)
+        model.score.bias.zero_()  # OpenRLHF's head has no bias
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"],
+                                                  modules_to_save=["score"], init_lora_weights=False))
+    with torch.no_grad():
+        peft_model.base_model.model.score.modules_to_save["default"].weight.add_(0.3)  # trained head
+    ckpt = tmp_path / "critic"
+    peft_model.save_pretrained(ckpt)
+    cfg = json.loads((ckpt / "adapter_config.json").read_text())
+    (ckpt / "adapter_config.json").write_text(json.dumps({**cfg, "base_model_name_or_path": str(base),
+                                                          "task_type": None}))
+    sd = load_file(ckpt / "adapter_model.safetensors")  # OpenRLHF's score is Linear(bias=False)
+    save_file({k: v for k, v in sd.items() if not k.endswith("score.bias")}, ckpt / "adapter_model.safetensors")
+    base_cfg = json.loads((base / "config.json").read_text())
+    (ckpt / "config.json").write_text(json.dumps({**base_cfg, "value_head_prefix": "score", "mean": 1.5, "std": 0.25,
+                                                  "normalize_reward": True}))
+    prompts = expected("openrlhf_rm_qwen2")["prompts"]
+    with torch.no_grad():
+        want = [((peft_model(torch.tensor([p])).logits[0, :, 0] - 1.5) / 0.25).tolist() for p in prompts]
+    out = rlexport.export(ckpt, tmp_path / "out", target="value", dtype="float32").out
+    assert max_diff(token_values(out, prompts), want) < 1e-4
+    assert json.loads((out / "config.json").read_text())["rlexport"]["convention"] == "openrlhf"

@@ -12,7 +12,7 @@ import types
 __version__ = "0.1.0"
 
 _API = {"export": ".export", "inspect": ".diagnosis", "open_checkpoint": ".formats", "verify": ".verify",
-        "RlexportError": ".errors"}
+        "RlexportError": ".errors", "vllm_args": ".engines.serving"}
 __all__ = [*_API, "__version__"]
 
 

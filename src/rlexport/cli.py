@@ -74,8 +74,10 @@ def inspect_cmd(ckpt: str, base: str | None, as_json: bool, scan: bool | None, t
               "the reward normalisation (OpenRLHF mean/std) folded in.")
 @click.option("--tag", metavar="TAG", help="DeepSpeed: the global_stepN/ checkpoint to read (default: the one "
               "`latest` names); given, the raw checkpoint is read even beside complete HF weights.")
+@click.option("--quantize", metavar="SCHEME", help="Quantize the decoder's Linear layers, data-free, in the "
+              "compressed-tensors format vLLM loads: int8 (W8A8), fp8 (FP8_DYNAMIC) or w4a16 (int4, group 128).")
 def export_cmd(ckpt, out_dir, base, target, dtype, max_shard_size, force, allow_nonfinite, link, quiet,
-               verify_engine=None, adapter_name=None, tag=None, raw_head=False) -> None:
+               verify_engine=None, adapter_name=None, tag=None, raw_head=False, quantize=None) -> None:
     """Merge, clean and cast a checkpoint into a Hugging Face folder, streamed and atomic."""
     from .export import plan, write
     from .formats import open_checkpoint
@@ -85,9 +87,13 @@ def export_cmd(ckpt, out_dir, base, target, dtype, max_shard_size, force, allow_
     if tag is not None:
         from .formats.deepspeed import with_tag
         ckpt = str(with_tag(ckpt, tag))  # the tag folder itself: read as the raw checkpoint, verified against
+    if quantize is not None:
+        from .quant import get_scheme
+        get_scheme(quantize)  # an unknown scheme is refused before the checkpoint is read
     src = open_checkpoint(select_adapter(ckpt, adapter_name), base=base)
     check_out(Path(out_dir), src, force=force)
-    p = plan(src, target=target, dtype=dtype, allow_nonfinite=allow_nonfinite, normalize=not raw_head)
+    p = plan(src, target=target, dtype=dtype, allow_nonfinite=allow_nonfinite, normalize=not raw_head,
+             quantize=quantize)
     total = sum(r.nbytes for r in p.tensors)
     with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
                   TransferSpeedColumn(), TimeRemainingColumn(), console=err, disable=quiet or not err.is_terminal,
@@ -98,6 +104,8 @@ def export_cmd(ckpt, out_dir, base, target, dtype, max_shard_size, force, allow_
     if not quiet:
         err.print(f"[green]exported[/] {report.target} to {report.out}: {report.tensors} tensors, "
                   f"{report.bytes / 1e6:.1f} MB {report.dtype} in {report.shards} shard(s) ({p.dtype_reason})")
+        for note in p.notes:
+            err.print(f"note: {note}")
         err.print(f"serve it with: {report.serve_hint}")
     if verify_engine is not None:
         _verify_and_exit(out_dir, against=src.path, base=base, engine=verify_engine, as_json=False)
@@ -120,6 +128,30 @@ def verify_cmd(folder: str, against: str | None, base: str | None, engine: str, 
     if base is not None and against is None:
         raise click.UsageError("--base needs --against")
     _verify_and_exit(folder, against=against, base=base, engine=engine, as_json=as_json, tp=tp)
+
+
+@cli.command("serve", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.argument("ckpt", type=click.Path(path_type=str))
+@click.option("--base", help="Base model folder or hub id (default: from adapter_config.json).")
+@click.option("--target", type=click.Choice(["policy", "value"]), default="policy", show_default=True,
+              help="policy: generate; value: the value/reward head through vLLM's pooling runner.")
+@click.option("--no-normalize", "raw_head", is_flag=True, help="--target value: the raw head, without the reward "
+              "normalisation folded in.")
+@click.option("--adapter", "adapter_name", metavar="NAME", help="Which adapter of a PEFT folder holding several.")
+@click.option("--tag", metavar="TAG", help="The DeepSpeed / verl checkpoint step to serve.")
+@click.option("--print-only", is_flag=True, help="Print the vllm serve command and exit.")
+@click.pass_context
+def serve_cmd(ctx, ckpt, base, target, raw_head, adapter_name, tag, print_only) -> None:
+    """Serve a raw training checkpoint with `vllm serve` through the rlexport load format (no export step).
+    Arguments after `--` go to vllm serve."""
+    from .engines.serving import serve_command, shell_line, vllm_args
+    args = vllm_args(ckpt, base=base, target=target, normalize=not raw_head, adapter=adapter_name, tag=tag)
+    cmd = serve_command(args, tuple(ctx.args))
+    click.echo(shell_line(cmd))
+    if print_only:
+        return
+    sys.stdout.flush()
+    os.execvp(cmd[0], cmd)
 
 
 def _verify_and_exit(folder, *, against, base, engine: str, as_json: bool, tp: int | None = None) -> None:

@@ -33,6 +33,7 @@ class Plan:
     tensors: tuple[TensorRef, ...]
     config: dict
     extra_files: dict[str, dict] = field(default_factory=dict)  # json files to write beside the weights
+    notes: tuple[str, ...] = ()  # what the user should know (--quantize: layers left unquantized, the score head)
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,8 @@ def refuse_non_policy(src: Source) -> None:
     arch = (src.config.get("architectures") or ["?"])[0]
     score = next((n for n in names if n.endswith(("score.weight", "value_head.weight"))), None)
     causal = str(arch).endswith(folder.CAUSAL_SUFFIXES)
+    if src.stage == "critic":
+        score = score or f"{src.head.prefix}.weight"
     if score is not None or not causal:
         what = f"architectures {arch}" + (f", a {score} head" if score else "") + \
             ("" if archs.embedding_pair(src.config)[1] in names else ", no lm_head")
@@ -84,8 +87,13 @@ def refuse_non_policy(src: Source) -> None:
 
 
 def plan(src: Source, *, target: str = "policy", dtype: str = "auto", allow_nonfinite: bool = False,
-         normalize: bool = True) -> Plan:
-    """`normalize`: fold a reward normalisation (OpenRLHF's mean/std) into the value head (False: the raw head)."""
+         normalize: bool = True, quantize: str | None = None) -> Plan:
+    """`normalize`: fold a reward normalisation (OpenRLHF's mean/std) into the value head (False: the raw head).
+    `quantize`: int8 | fp8 | w4a16, the decoder Linears in compressed-tensors (rlexport.quant)."""
+    scheme = None
+    if quantize is not None:
+        from .quant import get_scheme
+        scheme = get_scheme(quantize)  # an unknown scheme fails before anything is read
     if target not in TARGETS:
         raise RlexportError("bad-target", f"unknown target '{target}'", hint=f"use one of {', '.join(TARGETS)}")
     if src.stage == "ppo-reward-adapter":
@@ -107,9 +115,14 @@ def plan(src: Source, *, target: str = "policy", dtype: str = "auto", allow_nonf
     else:
         from .heads import plan_value
         refs, record = plan_value(src, dt, allow_nonfinite=allow_nonfinite, normalize=normalize)
-    cfg = folder.derive_config(src, refs, dtype=dt, target=target, record=record)
+    qcfg, notes = None, []
+    if scheme is not None:
+        from .quant import quantize_refs
+        refs, qcfg, notes = quantize_refs(refs, scheme)
+    cfg = folder.derive_config(src, refs, dtype=dt, target=target, record=record, quantization=qcfg)
     # A value model generates nothing, but keeping generation_config keeps the eos ids next to the tokenizer.
-    return Plan(src, target, dt, why, tuple(refs), cfg, {"generation_config.json": folder.generation_config(src)})
+    return Plan(src, target, dt, why, tuple(refs), cfg, {"generation_config.json": folder.generation_config(src)},
+                tuple(notes))
 
 
 def check_out(out: Path, src: Source, *, force: bool) -> None:
@@ -185,7 +198,8 @@ def write_folder_files(p: Plan, tmp: Path) -> None:
 def export(ckpt: str | Path, out: str | Path, *, base: str | Path | None = None, target: str = "policy",
            dtype: str = "auto", max_shard_size: str | int = "5GB", force: bool = False,
            allow_nonfinite: bool = False, on_bytes: Callable[[int], None] | None = None,
-           adapter: str | None = None, link: str = "auto", tag: str | None = None, normalize: bool = True) -> Report:
+           adapter: str | None = None, link: str = "auto", tag: str | None = None, normalize: bool = True,
+           quantize: str | None = None) -> Report:
     """Export a training checkpoint to a Hugging Face folder vLLM serves. Mirrors `rlexport export`.
 
     Example:
@@ -194,9 +208,11 @@ def export(ckpt: str | Path, out: str | Path, *, base: str | Path | None = None,
     `adapter` picks one adapter of a PEFT folder holding several (`default` is the root's); `tag` one DeepSpeed
     checkpoint (`global_stepN/`) of a folder holding several, instead of `latest` (or of complete HF weights).
     `normalize=False` (`--no-normalize`) exports a value head without its reward normalisation folded in.
+    `quantize` (`--quantize`): int8 (W8A8), fp8 (FP8_DYNAMIC) or w4a16, written in compressed-tensors.
     """
     from .formats.peft import select_adapter
     src = open_checkpoint(select_adapter(ckpt, adapter), base=base, tag=tag)
     check_out(Path(out), src, force=force)
-    return write(plan(src, target=target, dtype=dtype, allow_nonfinite=allow_nonfinite, normalize=normalize), Path(out),
+    return write(plan(src, target=target, dtype=dtype, allow_nonfinite=allow_nonfinite, normalize=normalize,
+                      quantize=quantize), Path(out),
                  max_shard_size=max_shard_size, force=force, on_bytes=on_bytes, link=link)

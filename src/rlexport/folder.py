@@ -38,7 +38,7 @@ def _text(cfg: dict) -> dict:
 
 
 def derive_config(src: Source, refs: list[TensorRef], *, dtype: torch.dtype, target: str,
-                  record: dict | None = None) -> dict:
+                  record: dict | None = None, quantization: dict | None = None) -> dict:
     """config.json for exactly the tensors that will be written: the one place every target's config comes from.
 
     The base's config supplies what the tensors cannot say (layers, rope, eos ...); everything the tensors do
@@ -70,6 +70,8 @@ def derive_config(src: Source, refs: list[TensorRef], *, dtype: torch.dtype, tar
     cfg.update(SERVING_DEFAULTS)
     if record is not None:
         cfg["rlexport"] = record
+    if quantization is not None:  # a --quantize export (rlexport.quant): compressed-tensors
+        cfg["quantization_config"] = quantization
     return cfg
 
 

@@ -65,6 +65,8 @@ def render_inspect(console: Console, report: dict) -> None:
         refused = "; ".join(f"{k}: {v}" for k, v in tp.get("refused", {}).items())
         head.add_row("tensor parallel", f"vLLM accepts {', '.join(map(str, tp['sizes']))}"
                      + (f" (refuses {refused})" if refused else ""))
+    for target, cmd in (report.get("serve_commands") or {}).items():
+        head.add_row(f"serve {target}", f"{_short(cmd)}  [dim](vLLM straight from the checkpoint, no export)[/]")
     if not report.get("complete", True):
         head.add_row("note", "[yellow]partial diagnosis: the checkpoint could not be opened (see the error)[/]")
     console.print(head)

@@ -52,6 +52,8 @@ def summary(src: Source, facts: Facts | None = None) -> dict:
         "architecture": arch_of(src), "model_type": src.config.get("model_type"),
         "base": str(src.base_dir) if src.base_dir else None, "targets": list(src.targets),
         "target_commands": {t: export_cmd(src, "" if t == "policy" else f" --target {t}") for t in src.targets},
+        "serve_commands": {t: f"rlexport serve {src.path}" + ("" if t == "policy" else f" --target {t}")
+                           for t in src.targets},
         "head": head, "adapter": adapter,
         "vocab": {"config": src.config.get("vocab_size"), "embedding_rows": facts.embedding_rows if facts else None,
                   "tokenizer": facts.tokenizer_size if facts else None},
@@ -110,7 +112,7 @@ def _partial(ckpt: Path, e: RlexportError) -> dict:
                                 "once the error above is fixed", str(head)))
     return {"schema": SCHEMA, "rlexport_version": __version__, "complete": False, "path": str(ckpt),
             "format": "peft", "producer": None, "stage": None, "architecture": None, "model_type": None,
-            "base": None, "targets": [], "target_commands": {}, "head": None, "adapter": None,
+            "base": None, "targets": [], "target_commands": {}, "serve_commands": {}, "head": None, "adapter": None,
             "vocab": {"config": None, "embedding_rows": None, "tokenizer": None}, "dtypes": {},
             "tensors": groups, "pieces": [], "scanned": False,
             "tensor_parallel": {"sizes": [], "refused": {}}, "findings": [f.to_json() for f in findings]}

@@ -5,7 +5,8 @@ Usage: python -m rlexport.engines.vllm_worker JOBS.json RESULTS.json
 Run as a subprocess (see run_jobs): vLLM's engine owns process-wide state, and a load failure must come back
 as its original exception line, which VLLM_ENABLE_V1_MULTIPROCESSING=0 keeps in this process.
 A job: {"model": dir, "mode": "generate"|"pool", "dtype": "float32", "prompts": [[ids...]],
-        "max_tokens": 12, "pooling_task": "token_classify"|"classify", "max_model_len": 256}
+        "max_tokens": 12, "pooling_task": "token_classify"|"classify", "max_model_len": 256,
+        "llm_args": {more LLM() keyword arguments, e.g. rlexport.vllm_args(...)}}
 A result: {"ok": bool, "error": "Type: first line", "logprobs": [[...]], "greedy": [[...]], "scores": [[...]]}
 """
 from __future__ import annotations
@@ -27,9 +28,10 @@ def _env() -> None:
 
 def _engine(job: dict):
     from vllm import LLM
-    kwargs = dict(model=job["model"], dtype=job.get("dtype", "float32"), enforce_eager=True,
+    kwargs = dict(model=job.get("model"), dtype=job.get("dtype", "float32"), enforce_eager=True,
                   max_model_len=job.get("max_model_len", 256), gpu_memory_utilization=0.1, seed=0,
                   max_num_seqs=8)
+    kwargs.update(job.get("llm_args") or {})  # rlexport.vllm_args(): serve a raw checkpoint (load format rlexport)
     if job.get("mode") == "pool":
         from vllm.config import PoolerConfig
         kwargs["runner"] = "pooling"

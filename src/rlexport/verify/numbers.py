@@ -156,11 +156,29 @@ def _load_peft(src: Source):
     """Base + adapter through PEFT, unmerged: the model as it ran in training."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
+    if src.base_dir is None:
+        return _load_peft_saved_whole(src)
     base = AutoModelForCausalLM.from_pretrained(src.base_dir, dtype=torch.float32)
     rows = next((r.shape[0] for n, r in src.adapter.full.items() if n.endswith("embed_tokens.weight")), None)
     if rows is not None and rows != base.get_input_embeddings().weight.shape[0]:
         base.resize_token_embeddings(rows)
     return PeftModel.from_pretrained(base, src.path).eval()
+
+
+def _load_peft_saved_whole(src: Source):
+    """A PeftModel its trainer saved whole (verl: base and LoRA factors in the rank files, no adapter folder):
+    the base from its tensors, PEFT's own LoRA layers around it, the saved factors loaded into them."""
+    from peft import LoraConfig, get_peft_model
+    base = _load_full(src)
+    cfg = {k: v for k, v in src.adapter.config.items() if k in ("r", "lora_alpha", "target_modules", "bias",
+                                                                 "fan_in_fan_out", "use_rslora", "task_type")}
+    model = get_peft_model(base, LoraConfig(**cfg))
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for u in src.adapter.updates:
+            for role, ref in (("A", u.a), ("B", u.b)):
+                params[f"base_model.model.{u.module}.lora_{role}.default.weight"].copy_(ref.load().float())
+    return model.eval()
 
 
 @dataclass

@@ -217,7 +217,10 @@ def check_names(f: Folder, source: Source | None) -> Check:
         f.expected[name] = tuple(t.shape)
     modules = {n for n, _ in model.named_modules()} | set(f.expected)
     # MoE checkpoints store experts one by one (and Mixtral as block_sparse_moe); transformers fuses them on load
-    f.memory = archs.memory_shapes(f.config or {}, {n: tuple(r.shape) for n, r in f.refs.items()})
+    # a --quantize export (compressed-tensors): each quantized Linear counts as its dense weight [out, in]
+    from ..quant.names import dense_shapes
+    dense, quant_problems = dense_shapes(f.config or {}, {n: tuple(r.shape) for n, r in f.refs.items()})
+    f.memory = archs.memory_shapes(f.config or {}, dense)
     allowed = {n for n in f.memory if n.endswith(IGNORED_BUFFERS)}
     if f.arch.endswith("ForSequenceClassification"):
         allowed |= {n for n in f.memory if n == "score.bias"}  # vLLM attaches it (as_seq_cls_model)
@@ -243,6 +246,9 @@ def check_names(f: Folder, source: Source | None) -> Check:
                                "the trained head is lost (write tie_word_embeddings: false)")
     notes = [f"{n} present (vLLM uses it as the score bias; transformers' {f.arch} has no bias and ignores it)"
              for n in allowed if n == "score.bias"]
+    if quant_problems:
+        return failed("tensor-names", S, f"{len(quant_problems)} quantized tensor(s) do not fit the "
+                      "quantization_config", quant_problems[:5])
     metrics = dict(expected=len(f.expected) - len(f.aliases), stored=len(f.refs), leftover=len(extra),
                    missing=len(missing))
     if extra or missing:
