@@ -471,6 +471,9 @@ def render() -> None:
                          + ("every one the correctly rounded float32 reference." if not bad else
                             f"{bad:,} not the correctly rounded float32 reference (up to {c['max_ulp']:.2f} ulp)."))
         parts.append("")
+    # sections rendered by the other bench scripts (quant.py, verl_bench.py, plugin_memory.py), in name order
+    for f in sorted((HERE / "RESULTS.d").glob("*.md")):
+        parts += [f.read_text().strip(), ""]
     (HERE / "RESULTS.md").write_text("\n".join(parts) + "\n")
 
 

@@ -118,16 +118,19 @@ def export_cmd(ckpt, out_dir, base, target, dtype, max_shard_size, force, allow_
 @click.option("--base", help="Base model folder or hub id (for an adapter --against).")
 @click.option("--engine", type=click.Choice(["auto", "vllm", "transformers", "none"]), default="auto",
               show_default=True, help="Load the folder in this engine (auto: vLLM when installed).")
+@click.option("--layerwise/--whole-model", default=None, help="Compute the training-time reference and the export "
+              "one module at a time (any model size; default above 2 GiB of float32 weights) or as whole models.")
 @click.option("--tensor-parallel-size", "tp", type=click.IntRange(1, 1024), default=None,
               help="Fail if vLLM would refuse to shard the model over this many ranks; names the sizes that work.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output on stdout.")
 def verify_cmd(folder: str, against: str | None, base: str | None, engine: str, as_json: bool,
-               tp: int | None) -> None:
+               tp: int | None, layerwise: bool | None) -> None:
     """Prove an exported folder is right: structure, numbers against training, a real engine. Exit 0 only if
     every check passes."""
     if base is not None and against is None:
         raise click.UsageError("--base needs --against")
-    _verify_and_exit(folder, against=against, base=base, engine=engine, as_json=as_json, tp=tp)
+    _verify_and_exit(folder, against=against, base=base, engine=engine, as_json=as_json, tp=tp,
+                     layerwise=layerwise)
 
 
 @cli.command("serve", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
@@ -154,9 +157,11 @@ def serve_cmd(ctx, ckpt, base, target, raw_head, adapter_name, tag, print_only) 
     os.execvp(cmd[0], cmd)
 
 
-def _verify_and_exit(folder, *, against, base, engine: str, as_json: bool, tp: int | None = None) -> None:
+def _verify_and_exit(folder, *, against, base, engine: str, as_json: bool, tp: int | None = None,
+                     layerwise: bool | None = None) -> None:
     from .verify import verify
-    report = verify(folder, against=against, base=base, engine=engine, tensor_parallel_size=tp).to_json()
+    report = verify(folder, against=against, base=base, engine=engine, tensor_parallel_size=tp,
+                    layerwise=layerwise).to_json()
     if as_json:
         click.echo(json.dumps(report, indent=2))
     else:

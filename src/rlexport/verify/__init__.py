@@ -19,7 +19,7 @@ from .engine import engine_stage, resolve_engine
 from .numbers import Numbers, compare_greedy, compare_logprobs, compare_scores, compare_weights, \
     export_numbers, make_prompts, reference
 from .report import CHECK_NAMES, SCHEMA, Check, VerifyReport, failed, passed, skipped
-from . import structure as verify_structure, tokens as verify_tokens
+from . import streamed, structure as verify_structure, tokens as verify_tokens
 from .structure import Folder
 
 N = "numbers"
@@ -41,9 +41,10 @@ def _require(*packages: str) -> None:
             raise RlexportError("missing-dependency", f"rlexport verify needs {p}", hint=f"pip install {p}")
 
 
-def _numbers_stage(folder: Folder, source, prompts, max_new_tokens: int) \
+def _numbers_stage(folder: Folder, source, prompts, max_new_tokens: int, layerwise: bool | None = None) \
         -> tuple[list[Check], Numbers | None, list[str] | None]:
-    """Reference vs export. Peak memory: one float32 model and one tensor (the reference is freed first)."""
+    """Reference vs export. Whole models: one float32 model and one tensor in memory (the reference is freed
+    first); layerwise (default above streamed.WHOLE_MODEL_LIMIT): one module at a time, any size."""
     policy = folder.target == "policy"
     not_this = ["scores"] if policy else ["logprobs", "greedy"]
     skips = [skipped(n, N, f"not a {'value' if policy else 'policy'} export") for n in not_this]
@@ -54,6 +55,9 @@ def _numbers_stage(folder: Folder, source, prompts, max_new_tokens: int) \
         return [failed("scores", N, "the checkpoint has no value head to compare the exported head with")] + \
             [skipped(n, N, "no reference") for n in ("weights", "logprobs", "greedy")], None, None
     folded = ((folder.config or {}).get("rlexport") or {}).get("normalization_folded", True)
+    if layerwise if layerwise is not None else streamed.too_large_for_whole(source):
+        checks, ref_numbers, _ = streamed.numbers_stage(folder, source, prompts, max_new_tokens, normalize=folded)
+        return checks + skips, ref_numbers, []
     ref = reference(source, folder.target, prompts, max_new_tokens=max_new_tokens, normalize=folded)
     checks = [compare_weights(ref.weights, folder.refs, folder.dtype)]
     ref_numbers, how = ref.numbers, ref.how
@@ -94,7 +98,7 @@ def check_tensor_parallel(folder: Folder, tp: int | None) -> Check:
 
 def verify(out_dir: str | Path, *, against: str | Path | None = None, base: str | Path | None = None,
            engine: str = "auto", prompts: list[list[int]] | None = None, max_new_tokens: int = 12,
-           tensor_parallel_size: int | None = None) -> VerifyReport:
+           tensor_parallel_size: int | None = None, layerwise: bool | None = None) -> VerifyReport:
     """Check an exported folder; with `against`, compare it with the training-time model. Mirrors `rlexport verify`.
 
     Args:
@@ -104,6 +108,8 @@ def verify(out_dir: str | Path, *, against: str | Path | None = None, base: str 
         engine: "auto" (vLLM when installed, else transformers), "vllm", "transformers" or "none".
         prompts: token-id prompts (default: a few fixed texts through the tokenizer).
         tensor_parallel_size: fail if vLLM would refuse to shard the model over this many ranks.
+        layerwise: compute the reference and the export one module at a time (memory flat in model size);
+            None: when the model is larger than 2 GiB in float32.
 
     Returns:
         A VerifyReport; `report.ok` is False when any check failed, `report.to_json()` follows
@@ -119,6 +125,8 @@ def verify(out_dir: str | Path, *, against: str | Path | None = None, base: str 
         raise RlexportError("missing-input", "the folder to verify does not exist", file=path,
                             hint="pass the folder rlexport export wrote")
     _require("transformers")
+    from .layerwise import return_freed_memory
+    return_freed_memory()  # before the first tensor is read: the values check reads them all, one at a time
     engine = resolve_engine(engine)
     source = None
     if against is not None:
@@ -137,7 +145,7 @@ def verify(out_dir: str | Path, *, against: str | Path | None = None, base: str 
     if source is None:
         checks += [skipped(n, N, "no --against checkpoint") for n in ("weights", "logprobs", "greedy", "scores")]
     else:
-        numbers, ref_numbers, load_problems = _numbers_stage(folder, source, prompts, max_new_tokens)
+        numbers, ref_numbers, load_problems = _numbers_stage(folder, source, prompts, max_new_tokens, layerwise)
         checks += numbers
     wants = (engine == "vllm" and ref_numbers is None) or (engine == "transformers" and load_problems is None)
     if wants and folder.target is not None and folder.hf_config is not None:
