@@ -233,3 +233,13 @@ def test_self_check_catches_a_1d_scale(exports, tmp_path):
     save_file(t, out / "model.safetensors")
     with pytest.raises(RlexportError, match="weight_scale"):
         self_check(out)
+
+
+def test_inspect_says_which_layers_a_scheme_leaves_unquantized(tmp_path):
+    """intermediate_size 200: down_proj's input is not a multiple of w4a16's group of 128."""
+    from factories import make_tiny_model
+    m = make_tiny_model(tmp_path / "m", intermediate_size=200)
+    q = rlexport.inspect(m)["quantize"]
+    assert q["int8"] == {"quantized": 14, "left_unquantized": [], "left_count": 0}
+    assert q["w4a16"]["quantized"] == 12 and q["w4a16"]["left_count"] == 2
+    assert q["w4a16"]["left_unquantized"][0].endswith("mlp.down_proj.weight")

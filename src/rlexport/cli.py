@@ -39,7 +39,7 @@ def inspect_cmd(ckpt: str, base: str | None, as_json: bool, scan: bool | None, t
     """Say what a checkpoint is, what will break when served, and how to fix it."""
     from .diagnosis import inspect
     if tag is not None:
-        from .formats.deepspeed import with_tag
+        from .formats import with_tag
         ckpt = str(with_tag(ckpt, tag))
     report = inspect(ckpt, base=base, scan="auto" if scan is None else scan)
     if as_json:
@@ -85,7 +85,7 @@ def export_cmd(ckpt, out_dir, base, target, dtype, max_shard_size, force, allow_
     from pathlib import Path
     from .formats.peft import select_adapter
     if tag is not None:
-        from .formats.deepspeed import with_tag
+        from .formats import with_tag
         ckpt = str(with_tag(ckpt, tag))  # the tag folder itself: read as the raw checkpoint, verified against
     if quantize is not None:
         from .quant import get_scheme

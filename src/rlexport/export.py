@@ -71,6 +71,16 @@ def plan_policy(src: Source, dtype: torch.dtype, *, allow_nonfinite: bool) -> li
     return [cast(r, dtype, allow_nonfinite=allow_nonfinite) for r in refs]
 
 
+def refuse_quantized_input(src: Source) -> None:
+    """float8 tensors are written by --quantize, never read as weights: merging and quantizing start from full
+    precision (an already-quantized model would be passed through, scales and all, under a plain config)."""
+    for r in src.weights:
+        if r.dtype == torch.float8_e4m3fn:
+            raise RlexportError("unsupported-dtype", f"tensor '{r.name}' has dtype F8_E4M3 (an already quantized "
+                                "model)", file=r.origin, hint="export from the full-precision checkpoint; add "
+                                "--quantize to quantize it")
+
+
 def refuse_non_policy(src: Source) -> None:
     """A reward or value model has no trained LM head: exporting it as a policy would serve random logits."""
     names = {r.name for r in src.weights}
@@ -104,6 +114,7 @@ def plan(src: Source, *, target: str = "policy", dtype: str = "auto", allow_nonf
     if target == "policy" and src.stage == "rm":
         raise RlexportError("rm-has-no-policy", "this is a reward-model (stage rm) checkpoint: its LM head was "
                             "never trained", file=src.path, hint="export it with --target value")
+    refuse_quantized_input(src)
     if target == "policy":
         refuse_non_policy(src)
     if target not in src.targets:
@@ -169,7 +180,7 @@ def write(p: Plan, out: Path, *, max_shard_size="5GB", force: bool = False,
     shards = plan_shards(list(p.tensors), parse_size(max_shard_size), link=link)
     with AtomicFolder(out, force=force) as tmp:
         write_folder_files(p, tmp)
-        self_check(tmp, list(p.tensors))  # the plan, before a byte of weights is written
+        self_check(tmp, list(p.tensors), checkpoint=p.source.path)  # the plan, before any weight is written
         # one pipeline over all shards: a shard's fsync overlaps the next shard's reads, merges and writes
         try:
             write_shards([(tmp / shard.filename, shard) for shard in shards], on_bytes, link=link)
@@ -179,7 +190,8 @@ def write(p: Plan, out: Path, *, max_shard_size="5GB", force: bool = False,
             raise
         log.info("wrote %d shard(s), %d tensors", len(shards), len(p.tensors))
         write_index(tmp, shards)
-        self_check(tmp)  # what was written, from its headers: an export vLLM would refuse is never committed
+        # what was written, from its headers: an export vLLM would refuse is never committed
+        self_check(tmp, checkpoint=p.source.path)
         files = tuple(sorted(x.name for x in tmp.iterdir()))
         check_unchanged(p.source.path, p.source.base_dir)  # before the commit: a mix of two versions never lands
     hint = f"vllm serve {out}" if p.target == "policy" else \

@@ -65,6 +65,12 @@ def render_inspect(console: Console, report: dict) -> None:
         refused = "; ".join(f"{k}: {v}" for k, v in tp.get("refused", {}).items())
         head.add_row("tensor parallel", f"vLLM accepts {', '.join(map(str, tp['sizes']))}"
                      + (f" (refuses {refused})" if refused else ""))
+    quant = report.get("quantize") or {}
+    if quant:
+        head.add_row("--quantize", "; ".join(
+            f"{k}: {v['quantized']} linears" + (f", {v['left_count']} left unquantized (input size not a multiple "
+                                                f"of the group), e.g. {v['left_unquantized'][0]}" if v["left_count"]
+                                                else "") for k, v in quant.items()))
     for target, cmd in (report.get("serve_commands") or {}).items():
         head.add_row(f"serve {target}", f"{_short(cmd)}  [dim](vLLM straight from the checkpoint, no export)[/]")
     if not report.get("complete", True):

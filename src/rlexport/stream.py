@@ -118,6 +118,22 @@ class StreamLoader:
             r.close()
 
 
+def row_blocks(load, shape: tuple[int, ...], itemsize: int, max_bytes: int = 64 * 2**20):
+    """A tensor's rows in blocks of at most `max_bytes` (in its own dtype), read from the file where the loader
+    can stream, else sliced from the whole tensor. Each block is fresh: the caller may keep it."""
+    rows = n_rows(shape)
+    step = max(1, max_bytes // max(1, row_numel(shape) * itemsize))
+    if not isinstance(load, StreamLoader) or not load.streamable or rows <= step:
+        yield load()
+        return
+    r = load.open()
+    try:
+        for start in range(0, rows, step):
+            yield r.rows(start, min(rows, start + step), Scratch())
+    finally:
+        r.close()
+
+
 # ---- reading: byte ranges of safetensors files with pread, never mmap (mapped pages would count as RSS) ----
 
 def pread_into(fd: int, buf: torch.Tensor, offset: int, path: Path | str) -> None:

@@ -74,6 +74,7 @@ def results(dora, resized, tmp_path_factory):
         "resized/policy": ("generate", rlexport.vllm_args(resized)),
         "zero3/policy": ("generate", rlexport.vllm_args(F / "ds_z3_nogather_ws2" / "ckpt")),
         "trl-full/value": ("pool", rlexport.vllm_args(F / "trl_vhead_full" / "ckpt", target="value")),
+        "openrlhf-rm/value": ("pool", rlexport.vllm_args(F / "openrlhf_rm_qwen2" / "ckpt", target="value")),
         # a checkpoint rlexport cannot read, handed to vLLM directly (as `vllm serve --load-format rlexport` does)
         "broken": ("generate", {"model": str(BASE), "load_format": "rlexport",
                                 "model_loader_extra_config": {"checkpoint": str(broken), "base": str(BASE)}}),
@@ -116,6 +117,13 @@ def test_trl_value_head_wrapper(results):
     r = results[0]["trl-full/value"]
     assert r["ok"], r.get("error")
     assert max_diff(r["scores"], peft_ref(FIXTURES / "trl_vhead_full" / "ckpt", "value")) < VALUE_TOL
+
+
+def test_openrlhf_reward_model_with_its_normalisation(results):
+    """A `RewardModel` no engine can import, served straight from its folder: the normalised reward."""
+    r = results[0]["openrlhf-rm/value"]
+    assert r["ok"], r.get("error")
+    assert max_diff(r["scores"], expected("openrlhf_rm_qwen2")["value_normalized"]) < VALUE_TOL
 
 
 def test_unreadable_checkpoint_fails_with_rlexports_line(results):

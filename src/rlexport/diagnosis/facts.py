@@ -133,11 +133,19 @@ def architecture_known(arch: str, package: str = "transformers") -> bool | None:
 def optimizer_files(src: Source) -> list[Path]:
     """Trainer state beside the weights; a global_stepN/ the weights are read from (DeepSpeed) is not counted."""
     folder = src.path
-    sources = {Path(r.origin).parent.resolve() for r in src.weights if r.origin}
+    files = {Path(r.origin).resolve() for r in src.weights if r.origin}
+    sources = {f.parent for f in files}
     out = [folder / n for n in OPTIMIZER_FILES if (folder / n).is_file()]
     for step in sorted(folder.glob("global_step*")):
-        if step.is_dir() and step.resolve() not in sources:
-            out += sorted(p for p in step.rglob("*") if p.is_file())
+        if not step.is_dir():
+            continue
+        step_r = step.resolve()
+        used = any(step_r == s or step_r in s.parents for s in sources)  # the weights are read from in here
+        for p in sorted(p for p in step.rglob("*") if p.is_file()):
+            # inside the step the weights come from: only optimizer/extra state beside them (verl's optim_*,
+            # extra_state_*), never the files the weights are read from (DeepSpeed's partitions)
+            if not used or (p.resolve() not in files and p.name.startswith(("optim", "extra_state"))):
+                out.append(p)
     return out
 
 

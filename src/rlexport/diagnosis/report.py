@@ -62,7 +62,18 @@ def summary(src: Source, facts: Facts | None = None) -> dict:
         "pieces": [{"kind": p.kind, "path": str(p.path), "note": p.note} for p in src.pieces],
         "scanned": bool(facts and facts.scanned),
         "tensor_parallel": tensor_parallel(src.config, facts.embedding_rows if facts else None),
+        "quantize": quantize_preview(src),
     }
+
+
+def quantize_preview(src) -> dict:
+    """Per --quantize scheme: how many decoder Linears it quantizes and which it must leave in full precision."""
+    from ..quant.plan import fits, quantizable
+    from ..quant.schemes import SCHEMES
+    linears = [r for r in src.weights if quantizable(r)]
+    return {name: {"quantized": sum(fits(r, s) for r in linears),
+                   "left_unquantized": [r.name for r in linears if not fits(r, s)][:5],
+                   "left_count": sum(not fits(r, s) for r in linears)} for name, s in SCHEMES.items()}
 
 
 def tensor_parallel(config: dict, rows: int | None) -> dict:
@@ -115,7 +126,7 @@ def _partial(ckpt: Path, e: RlexportError) -> dict:
             "base": None, "targets": [], "target_commands": {}, "serve_commands": {}, "head": None, "adapter": None,
             "vocab": {"config": None, "embedding_rows": None, "tokenizer": None}, "dtypes": {},
             "tensors": groups, "pieces": [], "scanned": False,
-            "tensor_parallel": {"sizes": [], "refused": {}}, "findings": [f.to_json() for f in findings]}
+            "tensor_parallel": {"sizes": [], "refused": {}}, "quantize": {}, "findings": [f.to_json() for f in findings]}
 
 
 def inspect(ckpt: str | Path, *, base: str | Path | None = None, scan: bool | str = "auto") -> dict:

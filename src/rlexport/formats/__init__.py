@@ -28,6 +28,8 @@ FORMATS: tuple[Format, ...] = (
            "global_stepN/), fp32 weights rebuilt from the optimizer partitions"),
     Format("verl", "rlexport.formats.verl", "verl FSDP/FSDP2 checkpoint (latest_checkpointed_iteration.txt + "
            "global_step_N/actor|critic/ with one model_world_size_W_rank_R.pt per rank)"),
+    Format("verl-megatron", "rlexport.formats.megatron", "verl Megatron checkpoint (global_step_N/actor/model/"
+           "dist_ckpt/: torch distributed .metadata + .distcp, Megatron names mapped to Hugging Face)"),
     Format("peft", "rlexport.formats.peft", "PEFT adapter folder (LoRA), with or without a value head"),
     Format("hf", "rlexport.formats.hf", "Hugging Face model folder (full fine-tune), value head inside or beside"),
 )
@@ -107,16 +109,21 @@ def detect(path: Path) -> Format:
                         hint=f"pass a trainer output folder or one of its checkpoint-N/ folders (formats: {kinds})")
 
 
+def with_tag(path: str | Path, tag: str) -> Path:
+    """The checkpoint `--tag` names inside a run folder: a verl step (Megatron or FSDP) or a DeepSpeed tag."""
+    from . import megatron, verl
+    for fmt in (megatron, verl):
+        if fmt.detect(Path(path)):
+            return fmt.with_tag(path, tag)
+    from .deepspeed import with_tag as deepspeed_tag
+    return deepspeed_tag(path, tag)
+
+
 def open_checkpoint(path: str | Path, *, base: str | Path | None = None, tag: str | None = None) -> Source:
     """Detect the input kind and describe the checkpoint, without reading tensor bytes.
 
     `tag` picks a DeepSpeed checkpoint (`global_stepN/`) inside `path` instead of `latest` or HF weights."""
     if tag is not None:
-        from . import verl
-        if verl.detect(Path(path)):
-            path = verl.with_tag(path, tag)
-        else:
-            from .deepspeed import with_tag
-            path = with_tag(path, tag)
+        path = with_tag(path, tag)
     fmt = detect(Path(path))
     return _module(fmt).read(Path(path), base=base)

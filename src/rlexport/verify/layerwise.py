@@ -21,10 +21,11 @@ from unittest import mock
 import torch
 
 from ..formats import Source
+from ..stream import Scratch, StreamLoader
 from ..tensors import TensorRef
 from ..transforms import clean_name
 
-ROW_BLOCK_BYTES = 256 * 2**20  # embedding / output layer rows read at a time (float32)
+ROW_BLOCK_BYTES = 128 * 2**20  # embedding / output layer rows read at a time (float32)
 Loader = Callable[[], torch.Tensor]
 
 
@@ -63,13 +64,11 @@ def _skeleton(config_dir):
 def _rows(ref: TensorRef) -> Callable[[int, int], torch.Tensor]:
     """Rows [start, stop) of a 2-D tensor in float32, read from the file where it can be (no whole table)."""
     load = ref.load
-    if hasattr(load, "open") and getattr(load, "streamable", True):
-        from ..stream import Scratch
-
+    if isinstance(load, StreamLoader) and load.streamable:
         def rows(start: int, stop: int) -> torch.Tensor:
             r = load.open()
             try:
-                return r.rows(start, stop, Scratch()).to(torch.float32, copy=True)
+                return r.rows(start, stop, Scratch()).to(torch.float32)
             finally:
                 r.close()
         return rows
@@ -251,7 +250,7 @@ def first_divergence(ref: Run, got: Run, tol: float) -> tuple[int, float] | None
     """(layer, relative max |Δ|) of the first decoder layer whose prompt-pass output leaves the reference."""
     for i in sorted(ref.layer_outputs):
         worst = 0.0
-        for a, b in zip(ref.layer_outputs[i], got.layer_outputs.get(i, [])):
+        for a, b in zip(ref.layer_outputs[i], got.layer_outputs.get(i, [])):  # one per prompt
             if a.shape != b.shape:
                 return i, float("inf")
             worst = max(worst, float((a - b).abs().max()) / max(1.0, float(a.abs().max())))

@@ -80,16 +80,22 @@ def make_prompts(tokenizer, rows: int | None) -> list[list[int]]:
 
 
 # --- computing numbers ---------------------------------------------------------------------------------------------
+def left_padded(seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask, position_ids) of a left-padded batch: every row ends at the last column."""
+    n, width = len(seqs), max(len(q) for q in seqs)
+    ids = torch.zeros((n, width), dtype=torch.long)
+    mask = torch.zeros((n, width), dtype=torch.long)
+    for i, q in enumerate(seqs):
+        ids[i, width - len(q):] = torch.tensor(q)
+        mask[i, width - len(q):] = 1
+    return ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
+
+
 @torch.no_grad()
 def policy_numbers(model, prompts: list[list[int]], max_new_tokens: int) -> Numbers:
     """Prompt logprobs and greedy continuations, all prompts in one left-padded batch with a KV cache."""
     n, width = len(prompts), max(len(p) for p in prompts)
-    ids = torch.zeros((n, width), dtype=torch.long)
-    mask = torch.zeros((n, width), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p):] = torch.tensor(p)
-        mask[i, width - len(p):] = 1
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    ids, mask, pos = left_padded(prompts)
     out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
     lp = torch.log_softmax(out.logits.float(), -1)
     num = Numbers()
@@ -377,6 +383,11 @@ def compare_weights(ref_state: dict[str, torch.Tensor] | None, refs: dict[str, T
         over, dmax = _beyond(got, want)
         if over:
             bad.append((name, over, dmax, _lookalike(name, got, ref_state)))
+    return weights_verdict(bad, compared, dtype)
+
+
+def weights_verdict(bad: list[tuple], compared: int, dtype: torch.dtype | None) -> Check:
+    """bad: (name, elements beyond the allowed ulps, max |Δ|, the reference tensor it equals instead or None)."""
     metrics = dict(compared=compared, differing=len(bad), ulps=ULPS.get(dtype, 1))
     if bad:
         return failed("weights", N, f"{len(bad)} of {compared} tensors differ from the reference's merged weights",

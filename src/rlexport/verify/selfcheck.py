@@ -52,10 +52,11 @@ def check_config_fits(f: Folder, source=None) -> Check:
     return passed("tensor-shapes", S, "config.json fits the tensors")
 
 
-def self_check(path: Path, refs: list[TensorRef] | None = None) -> list[Check]:
+def self_check(path: Path, refs: list[TensorRef] | None = None, *, checkpoint=None) -> list[Check]:
     """Run the header-only structure checks on `path`; raise export-self-check on the first failure.
 
     `refs`: the tensors the plan will write (before the shards exist); None reads the written shards' headers.
+    `checkpoint`: the input, named in the error (the temporary folder is gone by then).
     """
     f = Folder(Path(path), headers_only=True)
     checks: list[Check] = []
@@ -77,6 +78,6 @@ def self_check(path: Path, refs: list[TensorRef] | None = None) -> list[Check]:
     if bad is not None:
         more = f" ({bad.details[0]})" if bad.details else ""
         raise RlexportError("export-self-check", f"{bad.name}: {bad.summary}{more}; nothing was written",
-                            hint="this is a bug in rlexport or an input it does not understand: please report it "
+                            file=checkpoint, hint="this is a bug in rlexport or an input it does not understand: please report it "
                                  "with the output of `rlexport inspect` on the checkpoint")
     return checks

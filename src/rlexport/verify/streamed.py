@@ -5,14 +5,16 @@ Same checks and tolerances as the whole-model path (numbers.py): only how the mo
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 import torch
 
 from ..formats import Source
 from . import layerwise as lw
-from .numbers import Numbers, compare_greedy, compare_logprobs, compare_scores, compare_weights, policy_numbers, \
-    score_numbers, _backbone, tolerance
+from ..tensors import FLOATS
+from .numbers import Numbers, _backbone, _beyond, compare_greedy, compare_logprobs, compare_scores, left_padded, \
+    policy_numbers, score_numbers, tolerance, weights_verdict
 from .report import Check
 
 # relative max |Δ| of a decoder layer's output before it counts as leaving the reference, by the export's dtype
@@ -38,6 +40,17 @@ class MergedReference(Mapping):
     def __iter__(self):
         return iter(self.names)
 
+    def blocks(self, name: str, exported):
+        """(exported rows, reference rows) pairs covering the tensor."""
+        stored = self.run.loaders.get(name if not self.peft else f"base_model.model.{name}")
+        if stored is not None and len(stored.shape) == 2 and stored.numel * 4 > lw.ROW_BLOCK_BYTES:
+            mine, theirs, step = lw._rows(exported), lw._rows(stored), lw._block(stored)
+            for start in range(0, stored.shape[0], step):
+                stop = min(stored.shape[0], start + step)
+                yield mine(start, stop).to(exported.dtype), theirs(start, stop)
+            return
+        yield exported.load(), self[name]
+
     def __getitem__(self, name: str) -> torch.Tensor:
         if name not in self.names:
             raise KeyError(name)
@@ -58,13 +71,64 @@ class MergedReference(Mapping):
             lw._empty(params)
 
 
+def _prompt_positions(run: lw.Run, spans: list[tuple[int, int]]) -> None:
+    """Keep each prompt's own positions of a padded batch's layer outputs: (offset, length) per row."""
+    run.layer_outputs = {k: [v[0][i, o:o + n] for i, (o, n) in enumerate(spans)] for k, v in run.layer_outputs.items()}
+
+
+def compare_weights_streamed(merged: MergedReference, refs: dict, dtype) -> Check:
+    """Every exported tensor against the reference's, rounded once to the export dtype, one row block at a time
+    where the reference is a stored tensor (the vocabulary tables) and one module at a time where PEFT merges."""
+    bad, compared = [], 0
+    for name, ref in refs.items():
+        if name not in merged.names or ref.dtype not in FLOATS:
+            continue
+        compared += 1
+        over, dmax = 0, 0.0
+        for got, want in merged.blocks(name, ref):
+            if tuple(got.shape) != tuple(want.shape):
+                over, dmax = got.numel(), math.inf
+                break
+            o, d = _beyond(got, want)
+            over, dmax = over + o, max(dmax, d)
+        if over:
+            bad.append((name, over, dmax, None))
+    return weights_verdict(bad, compared, dtype)
+
+
 def _numbers(run: lw.Run, target: str, prompts, max_new_tokens: int, head=None) -> Numbers:
     with torch.no_grad(), lw.recording(run, first_call_only=target == "policy"):
         if target == "policy":
-            return policy_numbers(run.model, prompts, max_new_tokens)
+            num = policy_numbers(run.model, prompts, max_new_tokens)
+            width = max(len(p) for p in prompts)
+            _prompt_positions(run, [(width - len(p), len(p)) for p in prompts])
+            return num
         weight, bias, norm = head
         model = run.model.get_base_model() if hasattr(run.model, "get_base_model") else run.model
         return score_numbers(_backbone(model), weight, bias, prompts, norm)
+
+
+@torch.no_grad()
+def teacher_forced(run: lw.Run, prompts, continuations: list[list[int]]) -> Numbers:
+    """Prompt logprobs and the greedy choice at every step of the reference's continuation, in one pass.
+
+    Where the export's argmax equals the reference's token at every step, its own greedy decoding produces the
+    same tokens (the same prefix gives the same next token), so one forward pass replaces a pass per token."""
+    seqs = [p + c for p, c in zip(prompts, continuations)]
+    width = max(len(q) for q in seqs)
+    ids, mask, pos = left_padded(seqs)
+    with lw.recording(run):
+        logits = run.model(input_ids=ids, attention_mask=mask, position_ids=pos).logits.float()
+    _prompt_positions(run, [(width - len(q), len(p)) for q, p in zip(seqs, prompts)])
+    lp = torch.log_softmax(logits, -1)
+    num = Numbers()
+    for i, (p, c) in enumerate(zip(prompts, continuations)):
+        off = width - len(seqs[i])
+        num.logprobs.append([lp[i, off + j - 1, p[j]].item() for j in range(1, len(p))])
+        steps = [logits[i, off + len(p) - 1 + k] for k in range(len(c))]
+        num.greedy.append([int(s.argmax()) for s in steps])
+        num.margins.append([float(s.topk(2).values[0] - s.topk(2).values[1]) for s in steps])
+    return num
 
 
 def _head(source: Source, normalize: bool):
@@ -80,14 +144,15 @@ def numbers_stage(folder, source: Source, prompts, max_new_tokens: int, *, norma
     target, dtype = folder.target, folder.dtype
     ref_run = lw.reference_run(source)
     merged = MergedReference(ref_run, source.adapter is not None, target == "value")
-    checks = [compare_weights(merged, folder.refs, dtype)]
+    checks = [compare_weights_streamed(merged, folder.refs, dtype)]
     ref = _numbers(ref_run, target, prompts, max_new_tokens, _head(source, normalize) if target == "value" else None)
     exp_run = lw.export_run(folder.path, {n: r for n, r in folder.refs.items() if not n.startswith("score.")})
     exp_head = None
     if target == "value":
         exp_head = (folder.refs["score.weight"].load(), folder.refs["score.bias"].load()
                     if "score.bias" in folder.refs else None, None)
-    got = _numbers(exp_run, target, prompts, max_new_tokens, exp_head)
+    got = teacher_forced(exp_run, prompts, ref.greedy) if target == "policy" else \
+        _numbers(exp_run, target, prompts, max_new_tokens, exp_head)
     if target == "policy":
         out = [compare_logprobs(ref, got, dtype), compare_greedy(ref, got, dtype)]
     else:

@@ -20,6 +20,7 @@ from .. import archs
 from ..diagnosis import architecture_known
 from ..formats import Source
 from ..formats.files import pickle_refs, safetensors_refs
+from ..stream import row_blocks
 from ..tensors import DTYPES, FLOATS, TensorRef, dtype_name
 from .report import Check, failed, passed, skipped
 
@@ -306,18 +307,18 @@ def check_values(f: Folder, source: Source | None) -> Check:
     for name, ref in f.refs.items():
         if ref.dtype not in FLOATS or ref.numel == 0:
             continue
-        t = ref.load()
         n += 1
-        lo, hi = (float(x) for x in torch.aminmax(t))
-        if not (math.isfinite(lo) and math.isfinite(hi)):
-            nonfinite.append(name)
-            continue
-        peak = max(peak, abs(lo), abs(hi))
-        if ref.dtype == torch.bfloat16:
-            x = t.float()
-            small = x[(x != 0) & (x.abs() < TINY)] * FP16_STEP
-            tiny += small.numel()
-            off_grid += int((small != small.round()).sum())
+        for t in row_blocks(ref.load, ref.shape, ref.dtype.itemsize):  # bounded memory for embedding tables
+            lo, hi = (float(x) for x in torch.aminmax(t))
+            if not (math.isfinite(lo) and math.isfinite(hi)):
+                nonfinite.append(name)
+                break
+            peak = max(peak, abs(lo), abs(hi))
+            if ref.dtype == torch.bfloat16:
+                x = t.float()
+                small = x[(x != 0) & (x.abs() < TINY)] * FP16_STEP
+                tiny += small.numel()
+                off_grid += int((small != small.round()).sum())
     empty = [n_ for n_, r in f.refs.items() if r.numel == 0 and r.dtype in FLOATS]
     metrics = dict(tensors=n, max_abs=peak, tiny_values=tiny, off_fp16_grid=off_grid)
     if empty:
