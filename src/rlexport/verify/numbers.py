@@ -29,6 +29,7 @@ TEXTS = ("The capital of France is", "def add(a, b):\n    return a +", "Once upo
 # max |Δ| allowed, by the export's weight dtype: logprobs in nats, scores relative to max(1, |reference|).
 # Measured on the fixtures (bf16 exports of fp32-trained models): logprobs 0.003-0.007, scores 0.4 %.
 TOLERANCE = {torch.float32: 2e-3, torch.bfloat16: 0.05, torch.float16: 0.01}
+RELATIVE = {torch.float32: 0.0, torch.bfloat16: 0.01, torch.float16: 0.002}  # logprobs: share of |log p| added
 SCORE_TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 0.02, torch.float16: 0.005}
 CACHE_WEIGHTS_BYTES = 256_000_000  # references up to this size keep their weights for the next verify call
 _CACHE: dict[tuple, "Reference"] = {}
@@ -294,14 +295,29 @@ def _max_diff(a: list[list[float]], b: list[list[float]]) -> tuple[float, tuple[
 
 
 def compare_logprobs(ref: Numbers, got: Numbers, dtype, *, name="logprobs", stage=N, what="export") -> Check:
-    tol = tolerance(dtype)
+    """|Δ logprob| per token within `tolerance(dtype)` plus, for 16-bit exports, a share of |logprob|: rounding
+    the weights once moves a logit in proportion to its size, so an unlikely token (log p = -12) of a deep
+    bf16 model moves more than a likely one (measured: 0.07 on a 28-layer 7B geometry whose every tensor is the
+    reference rounded to bf16 within 1 ulp)."""
+    tol, rel = tolerance(dtype), RELATIVE.get(dtype, RELATIVE[torch.bfloat16])
     d, (i, j) = _max_diff(ref.logprobs, got.logprobs)
-    metrics = dict(max_diff=d, tolerance=tol, dtype=dtype_name(dtype) if dtype else None)
-    if d > tol:
-        return failed(name, stage, f"prompt logprobs differ by up to {d:.4g} (tolerance {tol:g})",
+    worst, where = 0.0, (0, 0)
+    for a, (ra, rb) in enumerate(zip(ref.logprobs, got.logprobs)):
+        for b, (x, y) in enumerate(zip(ra, rb)):
+            if x is not None and y is not None:
+                over = abs(x - y) / (tol + rel * abs(x))
+                if not math.isfinite(over) or over > worst:
+                    worst, where = (math.inf if not math.isfinite(over) else over), (a, b)
+    if not math.isfinite(d):
+        worst, where = math.inf, (i, j)
+    metrics = dict(max_diff=d, tolerance=tol, relative_tolerance=rel, dtype=dtype_name(dtype) if dtype else None)
+    what_tol = f"{tol:g}" + (f" + {rel:g} x |logprob|" if rel else "")
+    if worst > 1:
+        i, j = where
+        return failed(name, stage, f"prompt logprobs differ by up to {d:.4g} (tolerance {what_tol})",
                       [f"prompt {i}, token {j + 1}: reference {ref.logprobs[i][j]:.5f}, {what} "
                        f"{got.logprobs[i][j] if j < len(got.logprobs[i]) else float('nan'):.5f}"], **metrics)
-    return passed(name, stage, f"max |Δ logprob| {d:.2g} <= {tol:g}", **metrics)
+    return passed(name, stage, f"max |Δ logprob| {d:.2g} <= {what_tol}", **metrics)
 
 
 def compare_greedy(ref: Numbers, got: Numbers, dtype, *, name="greedy", stage=N, what="export") -> Check:
