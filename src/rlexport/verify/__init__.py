@@ -16,8 +16,8 @@ from pathlib import Path
 from ..errors import RlexportError
 from ..tensors import dtype_name
 from .engine import engine_stage, resolve_engine
-from .numbers import Numbers, compare_greedy, compare_logprobs, compare_scores, compare_weights, \
-    export_numbers, make_prompts, reference
+from .compare import compare_greedy, compare_logprobs, compare_scores, compare_weights
+from .numbers import Numbers, export_numbers, make_prompts, reference
 from .report import CHECK_NAMES, SCHEMA, Check, VerifyReport, failed, passed, skipped
 from . import streamed, structure as verify_structure, tokens as verify_tokens
 from .structure import Folder

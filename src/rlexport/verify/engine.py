@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from .numbers import Numbers, compare_greedy, compare_logprobs, compare_scores
+from .compare import compare_greedy, compare_logprobs, compare_scores
+from .numbers import Numbers
 from .report import Check, failed, passed, skipped
 from .structure import Folder
 

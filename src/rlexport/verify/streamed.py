@@ -13,8 +13,8 @@ import torch
 from ..formats import Source
 from . import layerwise as lw
 from ..tensors import FLOATS
-from .numbers import Numbers, _backbone, _beyond, compare_greedy, compare_logprobs, compare_scores, left_padded, \
-    policy_numbers, score_numbers, tolerance, weights_verdict
+from .compare import _beyond, compare_greedy, compare_logprobs, compare_scores, weights_verdict
+from .numbers import Numbers, _backbone, left_padded, policy_numbers, score_numbers, tolerance
 from .report import Check
 
 # relative max |Δ| of a decoder layer's output before it counts as leaving the reference, by the export's dtype
