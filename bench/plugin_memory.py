@@ -116,10 +116,7 @@ def render(geometry: str) -> None:
             f"{statistics.median(r.get('phases', {}).get('engine start', 0) for r in ok):.1f} | "
             f"{ok[0].get('greedy')} |")
     lines.append("")
-    out = HERE / "RESULTS.d" / f"40-plugin-memory-{geometry}.md"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text("\n".join(lines) + "\n")
-    harness.render()
+    harness.write_section(f"40-plugin-memory-{geometry}", lines)
 
 
 if __name__ == "__main__":

@@ -231,10 +231,7 @@ def render(geometry: str) -> None:
                      f"{c['only_rlexport'] or 'none'}; only in llm-compressor: {c['only_llmc'] or 'none'}; "
                      f"differ: {c['differ'] or 'none'}; formats {c['format']}; weight args equal: "
                      f"{c['weights_args_equal']}; ignore {c['ignore']}.")
-    out = HERE / "RESULTS.d" / f"20-quant-{geometry}.md"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text("\n".join(lines) + "\n")
-    harness.render()
+    harness.write_section(f"20-quant-{geometry}", lines)
 
 
 if __name__ == "__main__":

@@ -387,6 +387,14 @@ def _t(r: dict | None) -> float:
     return xs[len(xs) // 2] if len(xs) % 2 else (xs[len(xs) // 2 - 1] + xs[len(xs) // 2]) / 2
 
 
+def write_section(name: str, lines: list[str]) -> None:
+    """bench/RESULTS.d/<name>.md, appended to RESULTS.md by render() (the other benchmark scripts' tables)."""
+    out = HERE / "RESULTS.d" / f"{name}.md"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text("\n".join(lines) + "\n")
+    render()
+
+
 def render() -> None:
     parts = [
         "# Export benchmark: rlexport vs transformers+PEFT vs the cp+sync floor", "",

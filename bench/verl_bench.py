@@ -136,10 +136,7 @@ def render(geometry: str) -> None:
         lines.append(f"- rlexport vs verl's merger (first warm outputs, tensor by tensor): {c['equal']}/{c['common']} "
                      f"common tensors byte-identical; only in rlexport: {c['only_rlexport'] or 'none'}; only in "
                      f"verl's: {c['only_llmc'] or 'none'}; differ: {c['differ'] or 'none'}.")
-    out = HERE / "RESULTS.d" / f"30-verl-{geometry}.md"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text("\n".join(lines) + "\n")
-    harness.render()
+    harness.write_section(f"30-verl-{geometry}", lines)
 
 
 if __name__ == "__main__":

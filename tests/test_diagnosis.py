@@ -24,13 +24,7 @@ DOCS = Path(__file__).resolve().parents[1] / "docs"
 INSPECT_SCHEMA = json.loads((DOCS / "inspect.schema.json").read_text())
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one thread is fastest, and immune to a busy machine's thread contention."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: conftest.one_thread
 
 
 def codes(report: dict) -> set[str]:

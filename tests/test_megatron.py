@@ -22,12 +22,7 @@ ACTOR = FIXTURES / CASE / "ckpt" / "global_step_4" / "actor"
 DIST = ACTOR / "model" / "dist_ckpt"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: conftest.one_thread
 
 
 def test_export_equals_reference_and_expected_numbers(tmp_path):

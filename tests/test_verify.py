@@ -88,13 +88,7 @@ def against(case: str) -> dict:
     return {"against": ckpt, "base": base}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one thread is fastest, and immune to a busy machine's thread contention."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: conftest.one_thread
 
 
 def broken_copy(exported, tmp_path, case, target, brk) -> Path:

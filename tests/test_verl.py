@@ -50,12 +50,7 @@ def max_diff(a, b) -> float:
     return max(abs(p - q) for x, y in zip(a, b) for p, q in zip(x, y))
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: conftest.one_thread
 
 
 # ---- the actor: exact float32 reassembly, verl's merger after bf16 rounding, the training-time numbers ----
