@@ -16,6 +16,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 def _isolated_hf_home(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("HF_HOME", str(tmp_path_factory.getbasetemp() / "hf_home"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # the export self-check's facts cache (rlexport.checks.cache): per test session, never the user's
+    monkeypatch.setenv("RLEXPORT_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "rlexport_cache"))
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ import rlexport
 from rlexport.errors import RlexportError
 from rlexport.quant import SCHEMES
 from rlexport.quant.schemes import codes, pack_int4, quantize, scales
-from rlexport.verify.selfcheck import self_check
+from rlexport.checks.selfcheck import self_check
 
 from factories import FIXTURES, make_tiny_model
 

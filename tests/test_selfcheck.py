@@ -15,7 +15,7 @@ from rlexport.errors import RlexportError
 from rlexport.export import plan, write
 from rlexport.formats import open_checkpoint
 from rlexport.tensors import TensorRef
-from rlexport.verify.selfcheck import self_check
+from rlexport.checks.selfcheck import self_check
 
 # (case, input folder, base) for every checkpoint fixture in the repo; each is exported in every target it offers
 CASES = [

@@ -17,6 +17,8 @@ TOL = 2e-3
 # case -> (the field of expected.json the default export serves, the field --no-normalize serves)
 CASES = {"openrlhf_rm_qwen2": ("value_normalized", "value"),
          "openrlhf_critic_qwen2": ("value_normalized", "value"),
+         # LoRA critic started from the RM: score is a LoRA target whose base weight is the RM's head (in base/)
+         "openrlhf_critic_lora_qwen2": ("value_normalized", "value"),
          "trl_rm_seqcls_qwen2": ("value", "value")}
 
 
@@ -137,6 +139,31 @@ def test_lora_reward_model_whose_head_was_never_saved_is_refused(tmp_path):
         assert e.value.code == "head-not-saved" and "never saved" in e.value.message
     report = rlexport.inspect(case / "ckpt")
     assert not report["complete"] and [f["code"] for f in report["findings"]][0] == "head-not-saved"
+
+
+def test_lora_critic_from_a_reward_model_serves_openrlhfs_critic_forward(exports):
+    """OpenRLHF's own CriticModel forward (values of every position but the last, normalised) is what the export
+    serves; the head is the RM's score.weight plus the LoRA delta on score, merged in float32."""
+    case = FIXTURES / "openrlhf_critic_lora_qwen2"
+    exp = expected("openrlhf_critic_lora_qwen2")
+    got = token_values(exports["openrlhf_critic_lora_qwen2", True], exp["prompts"])
+    assert max_diff([g[:-1] for g in got], exp["critic_forward"]) < TOL
+    base_head = load_file(case / "base" / "model.safetensors")["score.weight"]
+    ad = load_file(case / "ckpt" / "adapter_model.safetensors")
+    delta = 2.0 * ad["base_model.model.score.lora_B.weight"] @ ad["base_model.model.score.lora_A.weight"]  # alpha/r
+    raw = load_file(next(exports["openrlhf_critic_lora_qwen2", False].glob("model-*.safetensors")))["score.weight"]
+    torch.testing.assert_close(raw, base_head + delta, rtol=0, atol=1e-7)
+    assert delta.abs().max() > 0.01  # the LoRA on the head matters: a merge that skipped it would fail above
+
+
+def test_lora_critic_whose_base_lacks_the_head_is_refused(tmp_path):
+    """The same adapter on a plain LLM base (no score head anywhere): nothing can rebuild the head."""
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(FIXTURES / "openrlhf_critic_lora_qwen2" / "ckpt", ckpt)
+    with pytest.raises(RlexportError) as e:
+        rlexport.export(ckpt, tmp_path / "out", base=FIXTURES / "lf_ppo_full_qwen2" / "base", target="value")
+    assert e.value.code == "head-not-saved" and "the base has no 'score' either" in e.value.message
+    assert not (tmp_path / "out").exists()
 
 
 def test_lora_critic_with_the_head_saved_whole_merges_body_and_head(tmp_path):

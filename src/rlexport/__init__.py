@@ -9,7 +9,7 @@ import importlib
 import sys
 import types
 
-__version__ = "0.1.0"
+from .version import __version__
 
 _API = {"export": ".export", "inspect": ".diagnosis", "open_checkpoint": ".formats", "verify": ".verify",
         "RlexportError": ".errors", "vllm_args": ".engines.serving"}

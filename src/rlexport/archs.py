@@ -19,6 +19,35 @@ class Experts:
 
 
 @dataclass(frozen=True)
+class Moe:
+    """A family's mixture-of-experts block, as its hub checkpoint and hub config.json spell it. The block is
+    `<layer>.mlp` in memory (Arch.renames turn it into the checkpoint's name, e.g. Mixtral's block_sparse_moe)."""
+
+    count_key: str                          # expert count in the hub config.json (transformers 4.x reads only it)
+    aliases: tuple[str, ...] = ()           # other spellings transformers 5 writes for it (dropped on export)
+    size_key: str = "moe_intermediate_size"  # one expert's intermediate size
+    topk_key: str = "num_experts_per_tok"
+    router: str = "gate"                    # `<block>.gate.weight` [experts, hidden]: never an expert, never quantized
+    router_buffers: tuple[str, ...] = ()    # stored beside the router weight (DeepSeek-V3's e_score_correction_bias)
+    shared: str = ""                        # shared-expert MLP under the block: a dense MLP, not one of the experts
+    shared_gate: str = ""                   # its sigmoid gate, Linear(hidden, 1): [1, hidden]
+    shared_count_key: str = ""              # several shared experts fused into one MLP (DeepSeek n_shared_experts)
+    per_expert: bool = True                 # hub checkpoints store experts one by one; False: fused, as in memory
+
+
+@dataclass(frozen=True)
+class Vision:
+    """A vision-language family. Transformers >= 5 (and 4.52+ for Qwen2-VL/2.5-VL) builds the language model and
+    the vision tower under `model.*` in memory, so PEFT adapters and verl rank files use those names; the hub
+    layout (what `save_pretrained` writes, even in transformers 5) keeps the older prefixes. vLLM loads both."""
+
+    cls: str                                 # the conditional-generation class (config.json architectures)
+    layout: tuple[tuple[str, str], ...]      # (in-memory prefix, hub prefix); () when the two agree
+    tower: tuple[str, ...]                   # hub-layout prefixes of the vision tower and its projector
+    heads: str = "num_heads"                 # vision_config key of the vision attention heads
+
+
+@dataclass(frozen=True)
 class Arch:
     embed: str = "model.embed_tokens.weight"   # input embedding weight
     head: str = "lm_head.weight"               # output embedding weight
@@ -26,10 +55,24 @@ class Arch:
     conv1d: tuple[str, ...] = ()               # modules stored [in, out] (transformers Conv1D): LoRA fan_in_fan_out
     renames: tuple[tuple[str, str], ...] = ()  # in-memory name fragment -> checkpoint name fragment
     experts: tuple[Experts, ...] = ()          # fused expert parameters (LoRA target_parameters)
+    vision: Vision | None = None               # vision-language models: names, tower, processor (Vision)
+    moe: Moe | None = None                     # mixture-of-experts families: hub layout and config keys (Moe)
 
 
 _MIXTRAL_EXPERTS = (Experts("gate_up_proj", ("w1", "w3")), Experts("down_proj", ("w2",)))
 _QWEN_MOE_EXPERTS = (Experts("gate_up_proj", ("gate_proj", "up_proj")), Experts("down_proj", ("down_proj",)))
+
+
+def _qwen_vl(cls: str) -> Vision:
+    return Vision(cls, (("model.language_model.", "model."), ("model.visual.", "visual.")), ("visual.",))
+
+
+def _llava_vl(cls: str) -> Vision:
+    return Vision(cls, (("model.language_model.", "language_model.model."), ("lm_head.", "language_model.lm_head."),
+                        ("model.vision_tower.", "vision_tower."),
+                        ("model.multi_modal_projector.", "multi_modal_projector.")),
+                  ("vision_tower.", "multi_modal_projector."), heads="num_attention_heads")
+
 
 ARCHS: dict[str, Arch] = {
     # llama-style names, untied by default
@@ -41,15 +84,69 @@ ARCHS: dict[str, Arch] = {
     # transformers Conv1D everywhere in the blocks; wte is tied to lm_head by default
     "gpt2": Arch(embed="transformer.wte.weight", tied=True, conv1d=("c_attn", "q_attn", "c_proj", "c_fc")),
     # transformers >= 5 loads block_sparse_moe.* as mlp.* and fuses experts.{e}.w1/w3 -> gate_up_proj, w2 -> down
-    "mixtral": Arch(renames=((".mlp.", ".block_sparse_moe."),), experts=_MIXTRAL_EXPERTS),
-    "qwen2_moe": Arch(experts=_QWEN_MOE_EXPERTS),
-    "qwen3_moe": Arch(experts=_QWEN_MOE_EXPERTS),
+    # Hub checkpoints of these store experts one by one (`experts.<e>.<part>.weight`); transformers 5 fuses them in
+    # memory and splits them again in save_pretrained (conversion_mapping.py), trainers save the fused form.
+    # mixtral: block_sparse_moe.experts.<e>.w1/w2/w3, block_sparse_moe.gate; intermediate_size is the expert's
+    "mixtral": Arch(renames=((".mlp.", ".block_sparse_moe."),), experts=_MIXTRAL_EXPERTS,
+                    moe=Moe("num_local_experts", size_key="intermediate_size")),
+    # qwen2_moe: shared_expert.{gate,up,down}_proj has the experts' leaf names but is one dense MLP, gated by
+    # shared_expert_gate [1, H]
+    "qwen2_moe": Arch(experts=_QWEN_MOE_EXPERTS, moe=Moe("num_experts", shared="shared_expert",
+                                                        shared_gate="shared_expert_gate")),
+    # transformers 5 writes num_local_experts; the hub config (and transformers 4.x) says num_experts
+    "qwen3_moe": Arch(experts=_QWEN_MOE_EXPERTS, moe=Moe("num_experts", aliases=("num_local_experts",))),
+    # mlp.experts.<e>.*, mlp.shared_experts.* (n_shared_experts fused in one MLP), mlp.gate.weight; V3 also
+    # mlp.gate.e_score_correction_bias [E]; the first_k_dense_replace layers have a plain mlp.{gate,up,down}_proj
+    "deepseek_v2": Arch(experts=_QWEN_MOE_EXPERTS, moe=Moe("n_routed_experts", shared="shared_experts",
+                                                          shared_count_key="n_shared_experts")),
+    "deepseek_v3": Arch(experts=_QWEN_MOE_EXPERTS, moe=Moe("n_routed_experts", shared="shared_experts",
+                                                          shared_count_key="n_shared_experts",
+                                                          router_buffers=("e_score_correction_bias",))),
+    # vision-language models: embed/head are hub-layout names (what an export writes)
+    "qwen2_vl": Arch(vision=_qwen_vl("Qwen2VLForConditionalGeneration")),
+    "qwen2_5_vl": Arch(vision=_qwen_vl("Qwen2_5_VLForConditionalGeneration")),
+    # Qwen3-VL shipped with the transformers-5 names on the hub: one layout, nothing renamed
+    "qwen3_vl": Arch(embed="model.language_model.embed_tokens.weight",
+                     vision=Vision("Qwen3VLForConditionalGeneration", (), ("model.visual.",))),
+    # its hub checkpoints store the experts fused (mlp.experts.gate_up_proj [E, 2I, H]), as transformers does
+    "qwen3_vl_moe": Arch(embed="model.language_model.embed_tokens.weight", moe=Moe("num_experts", per_expert=False),
+                         vision=Vision("Qwen3VLMoeForConditionalGeneration", (), ("model.visual.",))),
+    # LLaVA-style: language_model.model.* / language_model.lm_head.* / vision_tower.* / multi_modal_projector.*
+    "gemma3": Arch(embed="language_model.model.embed_tokens.weight", head="language_model.lm_head.weight",
+                   tied=True, vision=_llava_vl("Gemma3ForConditionalGeneration")),
+    "llava": Arch(embed="language_model.model.embed_tokens.weight", head="language_model.lm_head.weight",
+                  vision=_llava_vl("LlavaForConditionalGeneration")),
 }
 DEFAULT = Arch()
 
 
 def arch_of(config: dict) -> Arch:
     return ARCHS.get(str(config.get("model_type", "")), DEFAULT)
+
+
+def vision_of(config: dict) -> Vision | None:
+    """The Vision row of a vision-language model's config (None for a text-only model)."""
+    return arch_of(config).vision
+
+
+def to_hub(config: dict, name: str) -> str:
+    """A tensor name in the hub layout (`model.language_model.x` -> `model.x` for Qwen2.5-VL); others unchanged."""
+    v = vision_of(config)
+    for mem, hub in v.layout if v else ():
+        if name.startswith(mem):
+            return hub + name[len(mem):]
+    return name
+
+
+def to_memory(config: dict, name: str) -> str:
+    """A tensor name in the transformers >= 5 in-memory layout (the inverse of to_hub)."""
+    v = vision_of(config)
+    if v is None or any(name.startswith(mem) for mem, _ in v.layout):
+        return name
+    for mem, hub in v.layout:
+        if name.startswith(hub):
+            return mem + name[len(hub):]
+    return name
 
 
 def is_tied(config: dict) -> bool:
@@ -77,7 +174,7 @@ def memory_shapes(config: dict, stored: dict[str, tuple[int, ...]]) -> dict[str,
     out: dict[str, tuple[int, ...]] = {}
     fused: dict[tuple[str, Experts], dict[int, dict[str, tuple[int, ...]]]] = {}
     for name, shape in stored.items():
-        mem = name
+        mem = to_memory(config, name)
         for in_memory, on_disk in a.renames:
             mem = mem.replace(on_disk, in_memory)
         for ex in a.experts:

@@ -10,7 +10,7 @@ import click
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn, TimeRemainingColumn
 
-from . import __version__
+from .version import __version__
 from .errors import RlexportError
 
 err = Console(stderr=True)
@@ -33,15 +33,13 @@ def cli(ctx: click.Context, debug: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output on stdout.")
 @click.option("--scan/--no-scan", default=None, help="Read every tensor for NaN/Inf and float16 range "
               "(default: only up to 2 GB of weights).")
-@click.option("--tag", metavar="TAG", help="DeepSpeed: the global_stepN/ checkpoint to read (default: the one "
-              "`latest` names); given, the raw checkpoint is read even beside complete HF weights.")
+@click.option("--tag", metavar="TAG", help="The step of a run folder to read (DeepSpeed global_stepN, verl "
+              "global_step_N, ...; default: the newest the trainer marked done); given, a DeepSpeed raw checkpoint is "
+              "read even beside complete HF weights.")
 def inspect_cmd(ckpt: str, base: str | None, as_json: bool, scan: bool | None, tag: str | None = None) -> None:
     """Say what a checkpoint is, what will break when served, and how to fix it."""
     from .diagnosis import inspect
-    if tag is not None:
-        from .formats import with_tag
-        ckpt = str(with_tag(ckpt, tag))
-    report = inspect(ckpt, base=base, scan="auto" if scan is None else scan)
+    report = inspect(ckpt, base=base, scan="auto" if scan is None else scan, tag=tag)
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return
@@ -72,25 +70,23 @@ def inspect_cmd(ckpt: str, base: str | None, as_json: bool, scan: bool | None, t
               help="Which adapter of a PEFT folder holding several (default: the root's, named `default`).")
 @click.option("--no-normalize", "raw_head", is_flag=True, help="--target value: export the raw head, without "
               "the reward normalisation (OpenRLHF mean/std) folded in.")
-@click.option("--tag", metavar="TAG", help="DeepSpeed: the global_stepN/ checkpoint to read (default: the one "
-              "`latest` names); given, the raw checkpoint is read even beside complete HF weights.")
+@click.option("--tag", metavar="TAG", help="The step of a run folder to read (DeepSpeed global_stepN, verl "
+              "global_step_N, ...; default: the newest the trainer marked done); given, a DeepSpeed raw checkpoint is "
+              "read even beside complete HF weights.")
 @click.option("--quantize", metavar="SCHEME", help="Quantize the decoder's Linear layers, data-free, in the "
               "compressed-tensors format vLLM loads: int8 (W8A8), fp8 (FP8_DYNAMIC) or w4a16 (int4, group 128).")
 def export_cmd(ckpt, out_dir, base, target, dtype, max_shard_size, force, allow_nonfinite, link, quiet,
                verify_engine=None, adapter_name=None, tag=None, raw_head=False, quantize=None) -> None:
     """Merge, clean and cast a checkpoint into a Hugging Face folder, streamed and atomic."""
-    from .export import plan, write
-    from .formats import open_checkpoint
-    from .export import check_out
     from pathlib import Path
-    from .formats.peft import select_adapter
-    if tag is not None:
-        from .formats import with_tag
-        ckpt = str(with_tag(ckpt, tag))  # the tag folder itself: read as the raw checkpoint, verified against
+
+    from .export import check_out, plan, write
+    from .formats import open_checkpoint
     if quantize is not None:
         from .quant import get_scheme
         get_scheme(quantize)  # an unknown scheme is refused before the checkpoint is read
-    src = open_checkpoint(select_adapter(ckpt, adapter_name), base=base)
+    # src.path is the folder --tag / --adapter picked: --verify compares against that one
+    src = open_checkpoint(ckpt, base=base, adapter=adapter_name, tag=tag)
     check_out(Path(out_dir), src, force=force)
     p = plan(src, target=target, dtype=dtype, allow_nonfinite=allow_nonfinite, normalize=not raw_head,
              quantize=quantize)
@@ -142,19 +138,26 @@ def verify_cmd(folder: str, against: str | None, base: str | None, engine: str, 
               "normalisation folded in.")
 @click.option("--adapter", "adapter_name", metavar="NAME", help="Which adapter of a PEFT folder holding several.")
 @click.option("--tag", metavar="TAG", help="The DeepSpeed / verl checkpoint step to serve.")
-@click.option("--print-only", is_flag=True, help="Print the vllm serve command and exit.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address the server listens on "
+              "(0.0.0.0: every interface; the --follow control endpoints still answer only this host).")
+@click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True)
+@click.option("--follow", is_flag=True, help="CKPT is a training run folder: serve its newest complete "
+              "checkpoint and swap each newer complete one into the running server in place.")
+@click.option("--poll", type=click.FloatRange(0.1), default=2.0, show_default=True,
+              help="--follow: seconds between looks at the run folder.")
+@click.option("--print-only", is_flag=True, help="Print the vLLM server command and exit.")
 @click.pass_context
-def serve_cmd(ctx, ckpt, base, target, raw_head, adapter_name, tag, print_only) -> None:
-    """Serve a raw training checkpoint with `vllm serve` through the rlexport load format (no export step).
-    Arguments after `--` go to vllm serve."""
-    from .engines.serving import serve_command, shell_line, vllm_args
-    args = vllm_args(ckpt, base=base, target=target, normalize=not raw_head, adapter=adapter_name, tag=tag)
-    cmd = serve_command(args, tuple(ctx.args))
-    click.echo(shell_line(cmd))
-    if print_only:
-        return
-    sys.stdout.flush()
-    os.execvp(cmd[0], cmd)
+def serve_cmd(ctx, ckpt, base, target, raw_head, adapter_name, tag, host, port, follow, poll, print_only) -> None:
+    """Serve a raw training checkpoint with vLLM's OpenAI server through the rlexport load format (no export
+    step), started from this Python. Arguments after `--` go to the vLLM server. Ctrl-C / SIGTERM stop it all."""
+    from .engines.follow import Options, serve
+    if follow and tag is not None:
+        raise click.UsageError("--follow serves the newest complete step; --tag picks one: pass one of them")
+    opts = Options(base=base, target=target, normalize=not raw_head, adapter=adapter_name, tag=tag, host=host,
+                   port=port, extra=tuple(ctx.args), poll=poll)
+    code = serve(ckpt, opts, follow=follow, print_only=print_only)
+    if code:
+        sys.exit(code)
 
 
 def _verify_and_exit(folder, *, against, base, engine: str, as_json: bool, tp: int | None = None,

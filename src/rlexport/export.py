@@ -12,13 +12,14 @@ import torch
 from . import archs, folder
 from .errors import RlexportError
 from .formats import Source, open_checkpoint
+from .formats.value_heads import is_scoring_head
 from .tensors import DTYPES, TensorRef, dtype_name, parse_dtype, parse_size
 from .transforms import apply_adapter, cast, strip_wrappers, tie_embeddings
 from .formats.files import check_unchanged
 from .output.atomic import AtomicFolder, OutLock, remove_stale
 from .output.layout import plan_shards, write_index
 from .output.writer import write_shards
-from .verify.selfcheck import self_check
+from .checks.selfcheck import SelfCheck
 
 log = logging.getLogger("rlexport")
 TARGETS = ("policy", "value")
@@ -85,9 +86,9 @@ def refuse_non_policy(src: Source) -> None:
     """A reward or value model has no trained LM head: exporting it as a policy would serve random logits."""
     names = {r.name for r in src.weights}
     arch = (src.config.get("architectures") or ["?"])[0]
-    score = next((n for n in names if n.endswith(("score.weight", "value_head.weight"))), None)
+    score = next((n for n in names if is_scoring_head(n) and n.endswith(".weight")), None)
     causal = str(arch).endswith(folder.CAUSAL_SUFFIXES)
-    if src.stage == "critic":
+    if "policy" not in src.targets and src.head is not None:  # a critic: its head replaced the LM head
         score = score or f"{src.head.prefix}.weight"
     if score is not None or not causal:
         what = f"architectures {arch}" + (f", a {score} head" if score else "") + \
@@ -106,14 +107,9 @@ def plan(src: Source, *, target: str = "policy", dtype: str = "auto", allow_nonf
         scheme = get_scheme(quantize)  # an unknown scheme fails before anything is read
     if target not in TARGETS:
         raise RlexportError("bad-target", f"unknown target '{target}'", hint=f"use one of {', '.join(TARGETS)}")
-    if src.stage == "ppo-reward-adapter":
-        raise RlexportError("reward-adapter-without-head", "this is the PPO run's reward adapter; LLaMA-Factory never "
-                            "saves its value head, so it is neither the policy nor a complete reward model",
-                            file=src.path, hint="export the policy from the parent folder, and the reward model "
-                            "from its own RM run folder with --target value")
-    if target == "policy" and src.stage == "rm":
-        raise RlexportError("rm-has-no-policy", "this is a reward-model (stage rm) checkpoint: its LM head was "
-                            "never trained", file=src.path, hint="export it with --target value")
+    refused = src.refusal(target)  # the stage's own reasons (STAGES): a reward model has no policy, ...
+    if refused is not None:
+        raise refused
     refuse_quantized_input(src)
     if target == "policy":
         refuse_non_policy(src)
@@ -129,7 +125,7 @@ def plan(src: Source, *, target: str = "policy", dtype: str = "auto", allow_nonf
     qcfg, notes = None, []
     if scheme is not None:
         from .quant import quantize_refs
-        refs, qcfg, notes = quantize_refs(refs, scheme)
+        refs, qcfg, notes = quantize_refs(refs, scheme, src.config)
     cfg = folder.derive_config(src, refs, dtype=dt, target=target, record=record, quantization=qcfg)
     # A value model generates nothing, but keeping generation_config keeps the eos ids next to the tokenizer.
     return Plan(src, target, dt, why, tuple(refs), cfg, {"generation_config.json": folder.generation_config(src)},
@@ -178,9 +174,11 @@ def write(p: Plan, out: Path, *, max_shard_size="5GB", force: bool = False,
     check_out(out, p.source, force=force)
     clean_stale(out)
     shards = plan_shards(list(p.tensors), parse_size(max_shard_size), link=link)
-    with AtomicFolder(out, force=force) as tmp:
+    with AtomicFolder(out, force=force) as tmp, SelfCheck(tmp, checkpoint=p.source.path) as check:
         write_folder_files(p, tmp)
-        self_check(tmp, list(p.tensors), checkpoint=p.source.path)  # the plan, before any weight is written
+        # the plan, before any weight is written (transformers' facts about the architecture: from the cache, or
+        # computed in a child process while the shards are written, then checked against the headers below)
+        check.plan(list(p.tensors))
         # one pipeline over all shards: a shard's fsync overlaps the next shard's reads, merges and writes
         try:
             write_shards([(tmp / shard.filename, shard) for shard in shards], on_bytes, link=link)
@@ -191,7 +189,7 @@ def write(p: Plan, out: Path, *, max_shard_size="5GB", force: bool = False,
         log.info("wrote %d shard(s), %d tensors", len(shards), len(p.tensors))
         write_index(tmp, shards)
         # what was written, from its headers: an export vLLM would refuse is never committed
-        self_check(tmp, checkpoint=p.source.path)
+        check.written()
         files = tuple(sorted(x.name for x in tmp.iterdir()))
         check_unchanged(p.source.path, p.source.base_dir)  # before the commit: a mix of two versions never lands
     hint = f"vllm serve {out}" if p.target == "policy" else \
@@ -222,8 +220,7 @@ def export(ckpt: str | Path, out: str | Path, *, base: str | Path | None = None,
     `normalize=False` (`--no-normalize`) exports a value head without its reward normalisation folded in.
     `quantize` (`--quantize`): int8 (W8A8), fp8 (FP8_DYNAMIC) or w4a16, written in compressed-tensors.
     """
-    from .formats.peft import select_adapter
-    src = open_checkpoint(select_adapter(ckpt, adapter), base=base, tag=tag)
+    src = open_checkpoint(ckpt, base=base, adapter=adapter, tag=tag)
     check_out(Path(out), src, force=force)
     return write(plan(src, target=target, dtype=dtype, allow_nonfinite=allow_nonfinite, normalize=normalize,
                       quantize=quantize), Path(out),

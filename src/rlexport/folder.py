@@ -1,4 +1,5 @@
-"""The non-weight files of an export: config.json, generation_config.json, tokenizer and chat template."""
+"""The non-weight files of an export: config.json, generation_config.json, tokenizer, chat template and, for a
+vision-language model, the processor files."""
 from __future__ import annotations
 
 import copy
@@ -8,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from . import archs
+from . import archs, moe
 from .errors import RlexportError
 from .formats import Source
 from .formats.common import TOKENIZER_FILES, json_or_empty
@@ -18,6 +19,11 @@ from .tensors import TensorRef, dtype_name
 SERVING_DEFAULTS = {"use_cache": True}
 CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
 SCORE = "score.weight"
+# What a vision-language model's processor reads besides the tokenizer: transformers < 5 writes the image
+# processor to preprocessor_config.json (+ video_preprocessor_config.json), transformers 5 both into
+# processor_config.json. vLLM will not start without the image processor's.
+PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json", "video_preprocessor_config.json")
+IMAGE_PROCESSOR = "preprocessor_config.json or processor_config.json"
 
 
 def architecture(config: dict, target: str, *, file) -> str:
@@ -26,6 +32,9 @@ def architecture(config: dict, target: str, *, file) -> str:
         for suffix in CAUSAL_SUFFIXES:
             if arch.endswith(suffix):
                 return arch if target == "policy" else arch[: -len(suffix)] + "ForTokenClassification"
+    vision = archs.vision_of(config)
+    if vision is not None and target == "policy":
+        return vision.cls
     what = "a causal LM" if target == "policy" else "a token-classification architecture"
     raise RlexportError("no-causal-architecture", f"cannot derive {what} from architectures "
                         f"{config.get('architectures')}", file=file,
@@ -61,7 +70,13 @@ def derive_config(src: Source, refs: list[TensorRef], *, dtype: torch.dtype, tar
     cfg["tie_word_embeddings"] = tied
     if isinstance(cfg.get("text_config"), dict):
         cfg["text_config"]["tie_word_embeddings"] = tied
+    for sub in ("text_config", "vision_config"):  # transformers 5 reads each sub-config's own dtype
+        if isinstance(cfg.get(sub), dict):
+            cfg[sub]["dtype"] = name
+            if "torch_dtype" in cfg[sub]:
+                cfg[sub]["torch_dtype"] = name
     cfg["architectures"] = [architecture(src.config, target, file=src.path)]
+    moe.hub_config(cfg)  # the expert count under the hub config's key (what transformers 4.x reads)
     if SCORE in by_name:
         n = by_name[SCORE].shape[0]
         labels = ["value"] if n == 1 else [f"LABEL_{i}" for i in range(n)]
@@ -97,7 +112,66 @@ def copy_tokenizer(src: Source, out: Path) -> list[str]:
                 shutil.copyfile(d / "chat_template.jinja", out / "chat_template.jinja")
                 copied.append("chat_template.jinja")
                 break
-    return copied
+    return copied + copy_processor(src, out, copied)
+
+
+def _dirs(src: Source) -> list[Path]:
+    """Where the checkpoint's own files are (first), then the base's."""
+    out = []
+    for d in (*src.tokenizer_dirs, src.config_dir, src.path, src.base_dir):
+        if d is not None and Path(d).is_dir() and Path(d) not in out:
+            out.append(Path(d))
+    return sorted(out, key=lambda d: d == src.base_dir)
+
+
+def _has_image_processor(d: Path) -> bool:
+    return (d / "preprocessor_config.json").is_file() or \
+        "image_processor" in json_or_empty(d / "processor_config.json")
+
+
+def processor_dir(src: Source) -> Path:
+    """The folder whose processor files a vision-language export carries: the checkpoint's as the trainer saved
+    them, else the base's. Refused (missing-processor-file) when neither has the image processor's config."""
+    dirs = _dirs(src)
+    found = next((d for d in dirs if _has_image_processor(d)), None)
+    if found is None:
+        where = ", ".join(str(d) for d in dirs) or "nowhere (no checkpoint or base folder)"
+        raise RlexportError("missing-processor-file", f"vision-language model without its image processor: no "
+                            f"{IMAGE_PROCESSOR} in {where}", file=src.path,
+                            hint="pass --base the model the run started from, or copy the file from it into the "
+                                 "checkpoint")
+    return found
+
+
+def copy_processor(src: Source, out: Path, copied: list[str]) -> list[str]:
+    """A vision-language model's processor files, and the chat template its chat needs (LLM.chat refuses a
+    model without one): from the checkpoint, else from the base."""
+    if archs.vision_of(src.config) is None:
+        return []
+    pdir = processor_dir(src)
+    names = [n for n in PROCESSOR_FILES if (pdir / n).is_file()]
+    for n in names:
+        shutil.copyfile(pdir / n, out / n)
+    if not _has_chat_template(out):
+        for d in _dirs(src):
+            n = next((n for n in ("chat_template.jinja", "chat_template.json") if (d / n).is_file()), None)
+            if n is not None:
+                shutil.copyfile(d / n, out / n)
+                names.append(n)
+                break
+        else:
+            where = ", ".join(str(d) for d in _dirs(src))
+            raise RlexportError("missing-processor-file", "vision-language model without a chat template: no "
+                                f"chat_template.jinja, chat_template.json or tokenizer_config.json chat_template "
+                                f"in {where}", file=src.path,
+                                hint="pass --base the model the run started from, or copy its chat template into "
+                                     "the checkpoint")
+    return names
+
+
+def _has_chat_template(d: Path) -> bool:
+    return (d / "chat_template.jinja").is_file() or (d / "chat_template.json").is_file() or \
+        "chat_template" in json_or_empty(d / "tokenizer_config.json")
 
 
 def token_id(tdir: Path | None, token) -> int | None:

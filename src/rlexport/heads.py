@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import torch
 
+from . import archs
 from .errors import RlexportError
 from .formats import Source
+from .formats.value_heads import TRL_HEAD
 from .tensors import TensorRef
 from .transforms import apply_adapter, cast, strip_wrappers, tie_embeddings
 
 HEAD_NAMES = {"weight": "score.weight", "bias": "score.bias"}
-OUTPUT_LAYERS = ("lm_head.weight", "lm_head.bias", "embed_out.weight")
 
 
 def _by_kind(src: Source) -> dict[str, TensorRef]:
@@ -51,9 +52,8 @@ def head_refs(src: Source, *, normalize: bool = True) -> list[TensorRef]:
     initialised at random by transformers.
     """
     if not src.value_head:
-        where = "the PPO reward adapter's head is kept in memory by LLaMA-Factory, never saved" \
-            if src.stage == "ppo-reward-adapter" else "no v_head.summary.* or score.* head tensors"
-        raise RlexportError("value-head-missing", f"no value head to export ({where})", file=src.path,
+        raise RlexportError("value-head-missing", f"no value head to export (no {TRL_HEAD}.* or score.* head "
+                            "tensors)", file=src.path,
                             hint="export the reward model from its own RM run folder, which saves the head")
     by_kind = _by_kind(src)
     w = by_kind["weight"]
@@ -90,9 +90,12 @@ def plan_value(src: Source, dtype: torch.dtype, *, allow_nonfinite: bool,
     if src.adapter is not None:
         refs = apply_adapter(refs, src.adapter)
     refs, _ = tie_embeddings(refs, src.config)  # a tied pair keeps its embedding; the LM head goes
-    hidden = next((r.shape[1] for r in refs if r.name.endswith(("embed_tokens.weight", "wte.weight"))), None)
+    emb, out_layer = archs.embedding_pair(src.config)
+    hidden = next((r.shape[1] for r in refs if r.name == emb), None)
     if hidden is not None and head[0].shape[1] != hidden:
         raise RlexportError("value-head-shape", f"value head expects hidden size {head[0].shape[1]}, the model "
                             f"has {hidden}", file=src.value_head_file, hint="pass the --base the head was trained on")
-    body = [cast(r, dtype, allow_nonfinite=allow_nonfinite) for r in refs if r.name not in OUTPUT_LAYERS]
+    # neither token-classification class has an output layer (its bias neither, where a family has one)
+    no_output = (out_layer, out_layer.removesuffix(".weight") + ".bias")
+    body = [cast(r, dtype, allow_nonfinite=allow_nonfinite) for r in refs if r.name not in no_output]
     return body + head, head_record(src, normalize=normalize)

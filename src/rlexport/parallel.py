@@ -17,6 +17,7 @@ class Rule:
     keys: tuple[str, ...]     # config.json keys, the first present wins
     kind: str                 # "divides": value % tp == 0; "kv": divides or is replicated; "vocab": padded value
     where: str                # the vLLM code that enforces it
+    part: str = "text_config"  # the sub-config a multimodal config.json nests it in (vision_config: the tower)
 
 
 RULES: tuple[Rule, ...] = (
@@ -35,15 +36,21 @@ RULES: tuple[Rule, ...] = (
     # VocabParallelEmbedding / ParallelLMHead pad the vocabulary to a multiple of 64, then divide it
     Rule("vocabulary (padded to a multiple of 64)", ("vocab_size",), "vocab",
          "vllm/model_executor/layers/vocab_parallel_embedding.py VocabParallelEmbedding.__init__"),
+    # a vision-language model's vision encoder is split by heads too (mm_encoder_tp_mode "weights", the default)
+    Rule("vision attention heads", ("num_heads", "num_attention_heads"), "divides",
+         "vllm/model_executor/models/qwen2_5_vl.py Qwen2_5_VisionAttention.__init__ (divide(num_heads, tp))",
+         part="vision_config"),
 )
 
 
-def _text(config: dict) -> dict:
-    return config["text_config"] if isinstance(config.get("text_config"), dict) else config
+def _part(config: dict, part: str) -> dict:
+    if isinstance(config.get(part), dict):
+        return config[part]
+    return config if part == "text_config" else {}  # a flat (text-only or hub 4.x) config is the text config
 
 
 def _value(config: dict, rule: Rule) -> int | None:
-    cfg = _text(config)
+    cfg = _part(config, rule.part)
     for key in rule.keys:
         if isinstance(cfg.get(key), int) and cfg[key] > 0:
             return cfg[key]

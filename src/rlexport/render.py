@@ -71,6 +71,9 @@ def render_inspect(console: Console, report: dict) -> None:
             f"{k}: {v['quantized']} linears" + (f", {v['left_count']} left unquantized (input size not a multiple "
                                                 f"of the group), e.g. {v['left_unquantized'][0]}" if v["left_count"]
                                                 else "") for k, v in quant.items()))
+        for k, v in quant.items():
+            if v.get("note"):
+                head.add_row(f"--quantize {k}", f"[yellow]{v['note']}[/]")
     for target, cmd in (report.get("serve_commands") or {}).items():
         head.add_row(f"serve {target}", f"{_short(cmd)}  [dim](vLLM straight from the checkpoint, no export)[/]")
     if not report.get("complete", True):

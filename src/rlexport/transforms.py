@@ -9,8 +9,9 @@ from dataclasses import replace
 
 import torch
 
-from .errors import RlexportError
 from . import archs
+from .errors import RlexportError
+from .formats.value_heads import TRL_PREFIXES
 from .lora import Adapter
 from .lora import apply_adapter as _merge_adapter
 from .stream import Cast, equal_values
@@ -18,7 +19,6 @@ from .tensors import FLOATS, TensorRef, dtype_name
 
 # Wrapper prefixes trainers add around the HF names (TRL wrapper walked by DeepSpeed/accelerate, PeftModel).
 PREFIXES = ("pretrained_model.", "base_model.model.")
-HEAD_PREFIXES = ("v_head.",)
 # Buffers some checkpoints carry that no loader wants.
 DROP_SUFFIXES = ("rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb.sin_cached")
 # (embedding, output) names per model_type (archs.ARCHS); llama-style names are the default.
@@ -39,7 +39,7 @@ def strip_wrappers(refs: list[TensorRef]) -> list[TensorRef]:
     out = []
     for ref in refs:
         name = clean_name(ref.name)
-        if name.startswith(HEAD_PREFIXES) or name.endswith(DROP_SUFFIXES):
+        if name.startswith(TRL_PREFIXES) or name.endswith(DROP_SUFFIXES):
             continue
         if ref.numel == 0 and ref.dtype in FLOATS:
             raise RlexportError("zero3-placeholder", f"tensor '{ref.name}' is an empty ZeRO-3 placeholder",

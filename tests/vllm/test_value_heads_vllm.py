@@ -12,6 +12,7 @@ from rlexport.engines.vllm import run_jobs
 pytestmark = pytest.mark.vllm
 TOL = 2e-3  # float32 engine vs float32 training stack
 CASES = {"openrlhf_rm_qwen2": "value_normalized", "openrlhf_critic_qwen2": "value_normalized",
+         "openrlhf_critic_lora_qwen2": "value_normalized",  # LoRA critic from the RM: head = RM head + LoRA delta
          "trl_rm_seqcls_qwen2": "value"}
 
 
@@ -43,3 +44,10 @@ def test_last_token_is_openrlhfs_normalised_reward(results):
     r = results["openrlhf_rm_qwen2/last"]
     assert r["ok"], r.get("error")
     assert max_diff(r["scores"], [[v] for v in expected("openrlhf_rm_qwen2")["reward_last"]]) < TOL
+
+
+def test_lora_critic_serves_openrlhfs_critic_forward(results):
+    """OpenRLHF's CriticModel forward returns the normalised value of every position but the last."""
+    r = results["openrlhf_critic_lora_qwen2/token"]
+    assert r["ok"], r.get("error")
+    assert max_diff([s[:-1] for s in r["scores"]], expected("openrlhf_critic_lora_qwen2")["critic_forward"]) < TOL

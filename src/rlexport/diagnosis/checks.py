@@ -37,7 +37,7 @@ def check_value_head(src: Source, facts: Facts) -> list[Finding]:
         engine = f"vLLM: {VHEAD_ERROR.format(arch=arch_of(src))}"
     else:
         engine = "vLLM and transformers ignore it: the value model is lost unless exported with --target value"
-    role = "reward" if src.stage == "rm" else "value"
+    role = "reward" if src.facts.pooling == "last" else "value"
     head = src.head
     if head.convention != "trl-v-head":
         return _sequence_head(src, head, role) + _normalization(src, head)
@@ -207,7 +207,7 @@ def check_ties(src: Source, facts: Facts) -> list[Finding]:
                             "silently", export_cmd(src) + " (unties and writes tie_word_embeddings: false)",
                             str(src.adapter.path), tuple(touched))]
         return []
-    if tied and emb in names and head in names and src.stage != "rm":
+    if tied and emb in names and head in names and "policy" in src.targets:
         e, h = names[emb], names[head]
         if e.shape != h.shape or not torch.equal(e.load(), h.load()):
             return [Finding("tied-embeddings-split", "warning", f"config.json ties {head} to {emb}, but the "
@@ -215,7 +215,7 @@ def check_ties(src: Source, facts: Facts) -> list[Finding]:
                             "(AutoWeightsLoader) and transformers re-ties it on load: the trained head is replaced "
                             "by the embedding, silently", export_cmd(src) + " (writes tie_word_embeddings: false)",
                             h.origin, (head,))]
-    if not tied and emb in names and head not in names and src.stage != "rm":
+    if not tied and emb in names and head not in names and "policy" in src.targets:
         return [Finding("lm-head-missing", "error", f"config.json unties the output layer but no {head} is stored",
                         f"vLLM: ValueError: Following weights were not initialized from checkpoint: {{'{head}'}}; "
                         f"transformers: {head} MISSING (newly initialized at random)",

@@ -4,7 +4,7 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-from .. import __version__
+from ..version import __version__
 from ..errors import RlexportError
 from ..findings import Finding
 from ..formats import Source
@@ -34,7 +34,7 @@ def summary(src: Source, facts: Facts | None = None) -> dict:
     if src.value_head:
         from ..heads import head_record
         rec = head_record(src)
-        head = {"role": "reward" if src.stage == "rm" else "value", "file": str(src.value_head_file or ""),
+        head = {"role": "reward" if src.facts.pooling == "last" else "value", "file": str(src.value_head_file or ""),
                 "tensors": [{"name": r.name, "shape": list(r.shape), "dtype": dtype_name(r.dtype)}
                             for r in src.value_head],
                 "convention": rec["convention"], "mean": rec["mean"], "std": rec["std"],
@@ -69,11 +69,17 @@ def summary(src: Source, facts: Facts | None = None) -> dict:
 def quantize_preview(src) -> dict:
     """Per --quantize scheme: how many decoder Linears it quantizes and which it must leave in full precision."""
     from ..quant.plan import fits, quantizable
-    from ..quant.schemes import SCHEMES
+    import torch
+    from ..quant.schemes import SCHEMES, dtype_note
     linears = [r for r in src.weights if quantizable(r)]
-    return {name: {"quantized": sum(fits(r, s) for r in linears),
-                   "left_unquantized": [r.name for r in linears if not fits(r, s)][:5],
-                   "left_count": sum(not fits(r, s) for r in linears)} for name, s in SCHEMES.items()}
+    out = {name: {"quantized": sum(fits(r, s) for r in linears),
+                  "left_unquantized": [r.name for r in linears if not fits(r, s)][:5],
+                  "left_count": sum(not fits(r, s) for r in linears)} for name, s in SCHEMES.items()}
+    for name, s in SCHEMES.items():  # whatever dtype the export picks, say which one a scheme cannot be served in
+        note = dtype_note(s, torch.float32)
+        if note:
+            out[name]["note"] = note
+    return out
 
 
 def tensor_parallel(config: dict, rows: int | None) -> dict:
@@ -129,13 +135,15 @@ def _partial(ckpt: Path, e: RlexportError) -> dict:
             "tensor_parallel": {"sizes": [], "refused": {}}, "quantize": {}, "findings": [f.to_json() for f in findings]}
 
 
-def inspect(ckpt: str | Path, *, base: str | Path | None = None, scan: bool | str = "auto") -> dict:
+def inspect(ckpt: str | Path, *, base: str | Path | None = None, scan: bool | str = "auto",
+            adapter: str | None = None, tag: str | None = None) -> dict:
     """What the checkpoint is and what will break. Mirrors `rlexport inspect --json` (docs/inspect.schema.json).
 
     Args:
         ckpt: the trainer's output folder (or one checkpoint-N/ in it).
         base: the base model folder or hub id, for adapters whose adapter_config.json does not resolve.
         scan: read every tensor once for NaN/Inf and float16 range: True, False, or "auto" (up to 2 GB).
+        adapter, tag: as for open_checkpoint (one adapter of several; one step of a run folder).
 
     Example:
         >>> report = rlexport.inspect("saves/ppo")  # doctest: +SKIP
@@ -144,7 +152,7 @@ def inspect(ckpt: str | Path, *, base: str | Path | None = None, scan: bool | st
     """
     from ..formats import open_checkpoint
     try:
-        src = open_checkpoint(ckpt, base=base)
+        src = open_checkpoint(ckpt, base=base, adapter=adapter, tag=tag)
     except RlexportError as e:
         if e.code not in PARTIAL:
             raise

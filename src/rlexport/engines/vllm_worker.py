@@ -6,8 +6,13 @@ Run as a subprocess (see run_jobs): vLLM's engine owns process-wide state, and a
 as its original exception line, which VLLM_ENABLE_V1_MULTIPROCESSING=0 keeps in this process.
 A job: {"model": dir, "mode": "generate"|"pool", "dtype": "float32", "prompts": [[ids...]],
         "max_tokens": 12, "pooling_task": "token_classify"|"classify", "max_model_len": 256,
-        "llm_args": {more LLM() keyword arguments, e.g. rlexport.vllm_args(...)}}
-A result: {"ok": bool, "error": "Type: first line", "logprobs": [[...]], "greedy": [[...]], "scores": [[...]]}
+        "llm_args": {more LLM() keyword arguments, e.g. rlexport.vllm_args(...)},
+        "images": [image file or null, one per prompt (a vision-language model: the prompt holds its placeholder)],
+        "chats": [[chat messages; {"type": "image", "image": file} parts sent as data URLs], ...] (LLM.chat with
+                  the model's own chat template, no generation prompt added)}
+A result: {"ok": bool, "error": "Type: first line", "logprobs": [[...]], "greedy": [[...]], "scores": [[...]],
+           "prompt_ids": [[ids as the engine saw them, image placeholders expanded]] (with images),
+           "chat_ids", "chat_logprobs", "chat_greedy" (with chats)}
 """
 from __future__ import annotations
 
@@ -44,13 +49,52 @@ def _generate(llm, job: dict) -> dict:
     from vllm import SamplingParams, TokensPrompt
     sp = SamplingParams(temperature=0.0, max_tokens=job.get("max_tokens", 12), prompt_logprobs=1,
                         ignore_eos=job.get("ignore_eos", True), logprobs=1)
-    outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in job["prompts"]], sp, use_tqdm=False)
-    logprobs, greedy = [], []
-    for prompt, o in zip(job["prompts"], outs):
+    images = job.get("images") or [None] * len(job["prompts"])
+    prompts = [TokensPrompt(prompt_token_ids=p) if img is None else
+               TokensPrompt(prompt_token_ids=p, multi_modal_data={"image": _image(img)})
+               for p, img in zip(job["prompts"], images)]
+    res = _scored(llm.generate(prompts, sp, use_tqdm=False))
+    if not job.get("images"):
+        del res["prompt_ids"]
+    if job.get("chats"):
+        chats = [[_chat_message(m) for m in chat] for chat in job["chats"]]
+        outs = llm.chat(chats, sp, add_generation_prompt=False, use_tqdm=False)
+        res.update({f"chat_{k}": v for k, v in _scored(outs).items()})
+    return res
+
+
+def _scored(outs) -> dict:
+    logprobs, greedy, ids = [], [], []
+    for o in outs:
+        prompt = list(o.prompt_token_ids)  # with images: the placeholders as the engine expanded them
         # prompt_logprobs[0] is None (no context); entry j holds token j's logprob among others
         logprobs.append([None] + [o.prompt_logprobs[j][prompt[j]].logprob for j in range(1, len(prompt))])
         greedy.append(list(o.outputs[0].token_ids))
-    return {"logprobs": logprobs, "greedy": greedy}
+        ids.append(prompt)
+    return {"logprobs": logprobs, "greedy": greedy, "prompt_ids": ids}
+
+
+def _image(path: str):
+    from PIL import Image
+    with Image.open(path) as im:
+        return im.convert("RGB")
+
+
+def _chat_message(m: dict) -> dict:
+    """A chat message whose image parts ({"type": "image", "image": file}) become data URLs LLM.chat accepts."""
+    import base64
+    import mimetypes
+    if not isinstance(m.get("content"), list):
+        return m
+    parts = []
+    for part in m["content"]:
+        if part.get("type") == "image":
+            with open(part["image"], "rb") as f:
+                mime = mimetypes.guess_type(part["image"])[0] or "image/png"
+                url = f"data:{mime};base64," + base64.b64encode(f.read()).decode()
+            part = {"type": "image_url", "image_url": {"url": url}}
+        parts.append(part)
+    return {**m, "content": parts}
 
 
 def _pool(llm, job: dict) -> dict:

@@ -1,7 +1,11 @@
-"""Input kinds: a registry of format modules, each with `detect(path)` and `read(path, **options)`.
+"""Input kinds: a registry of format modules, and `open_checkpoint`, the one way into a checkpoint.
 
 A format module turns a checkpoint folder into a `Source`: the model config, lazy base weights, and the
-trained pieces beside them (adapter, value head). Nothing here reads tensor bytes.
+trained pieces beside them (adapter, value head). Nothing here reads tensor bytes. Each module defines
+`detect(path) -> bool` and `read(path, *, base) -> Source`, and where it applies:
+- `select(path, *, tag, adapter) -> Path | None`: the folder inside `path` that --tag / --adapter names (None:
+  `path` is not this format's);
+- `steps(path) -> list[Step] | None`: a run folder's checkpoints, oldest first, complete or not.
 """
 from __future__ import annotations
 
@@ -28,8 +32,12 @@ FORMATS: tuple[Format, ...] = (
            "global_stepN/), fp32 weights rebuilt from the optimizer partitions"),
     Format("verl", "rlexport.formats.verl", "verl FSDP/FSDP2 checkpoint (latest_checkpointed_iteration.txt + "
            "global_step_N/actor|critic/ with one model_world_size_W_rank_R.pt per rank)"),
-    Format("verl-megatron", "rlexport.formats.megatron", "verl Megatron checkpoint (global_step_N/actor/model/"
+    Format("verl-megatron", "rlexport.formats.verl_megatron", "verl Megatron checkpoint (global_step_N/actor/model/"
            "dist_ckpt/: torch distributed .metadata + .distcp, Megatron names mapped to Hugging Face)"),
+    Format("megatron-lm", "rlexport.formats.megatron_lm", "Megatron-LM save root (latest_checkpointed_iteration.txt"
+           " + iter_NNNNNNN/ torch_dist; slime, ms-swift Megatron); config and tokenizer from --base"),
+    Format("nemo-rl", "rlexport.formats.nemo_rl", "NeMo-RL checkpoint (step_N/policy/weights/: DCP, safetensors "
+           "or Megatron iter_NNNNNNN/; config.yaml names the base)"),
     Format("peft", "rlexport.formats.peft", "PEFT adapter folder (LoRA), with or without a value head"),
     Format("hf", "rlexport.formats.hf", "Hugging Face model folder (full fine-tune), value head inside or beside"),
 )
@@ -45,11 +53,53 @@ class Piece:
 
 
 @dataclass(frozen=True)
+class Stage:
+    """What a training stage's checkpoint can be exported as: trainer facts as data, one row per stage."""
+
+    offers: tuple[str, ...] = ("policy", "value")  # targets, in order of preference
+    value_needs_head: bool = True   # "value" is offered only when a head was found (else value-head-missing)
+    pooling: str = "token"          # where the head's number is read: "token" (every token) | "last" (reward)
+    refuse: tuple[tuple[str, str, str, str], ...] = ()  # (target or "*", code, why, fix): refused before planning
+
+
+STAGES: dict[str | None, Stage] = {
+    None: Stage(),          # unknown: a policy, and a value model when a head is there
+    "sft/dpo": Stage(),
+    "ppo": Stage(),         # the policy; the PPO value head beside it is the value model
+    # a reward model: its LM head was never trained
+    "rm": Stage(offers=("value",), value_needs_head=False, pooling="last", refuse=(
+        ("policy", "rm-has-no-policy", "this is a reward-model (stage rm) checkpoint: its LM head was never "
+         "trained", "export it with --target value"),)),
+    # a critic (verl, OpenRLHF, Megatron): the head replaces the LM head
+    "critic": Stage(offers=("value",), value_needs_head=False),
+    # LLaMA-Factory PPO's reward adapter in <ckpt>/reward/: its value head lives only in memory
+    "ppo-reward-adapter": Stage(offers=(), refuse=(
+        ("*", "reward-adapter-without-head", "this is the PPO run's reward adapter; LLaMA-Factory never saves its "
+         "value head, so it is neither the policy nor a complete reward model", "export the policy from the parent "
+         "folder, and the reward model from its own RM run folder with --target value"),)),
+}
+
+
+def stage_facts(stage: str | None) -> Stage:
+    return STAGES.get(stage, STAGES[None])
+
+
+@dataclass(frozen=True)
+class Step:
+    """One checkpoint of a training run folder, as its trainer marks it done (or not)."""
+
+    tag: str          # what --tag takes: global_step_4, iter_0000100, checkpoint-200, step_8
+    path: Path        # the folder open_checkpoint reads for it
+    complete: bool    # the trainer's own completion marker is there (else `why` says what is missing)
+    why: str = ""
+
+
+@dataclass(frozen=True)
 class Source:
     kind: str                      # the Format.kind that read it
-    path: Path                     # what the user passed
-    producer: str                  # "llama-factory" | "trl" | "peft" | "transformers"
-    stage: str | None              # "ppo" | "rm" | "critic" | "sft/dpo" | None when unknown
+    path: Path                     # the checkpoint folder read (after --tag / --adapter)
+    producer: str                  # "llama-factory" | "trl" | "peft" | "transformers" | "verl" | ...
+    stage: str | None              # a key of STAGES: "ppo" | "rm" | "critic" | "sft/dpo" | None when unknown
     config: dict                   # the model's config.json (the base's for an adapter)
     config_dir: Path               # where config.json / generation_config.json come from
     weights: tuple[TensorRef, ...]  # the model weights as stored (the base's for an adapter)
@@ -63,22 +113,30 @@ class Source:
     head_info: object | None = None          # formats.value_heads.HeadInfo; None: TRL's v_head if value_head
 
     @property
+    def facts(self) -> Stage:
+        return stage_facts(self.stage)
+
+    @property
     def head(self):
         """How the value head in `value_head` was saved and what it computes (None without a head)."""
         if not self.value_head:
             return None
         if self.head_info is not None:
             return self.head_info
-        from .value_heads import HeadInfo
-        return HeadInfo("trl-v-head", "v_head.summary", "last" if self.stage == "rm" else "token")
+        from .value_heads import HeadInfo, TRL_HEAD
+        return HeadInfo("trl-v-head", TRL_HEAD, self.facts.pooling)
 
     @property
     def targets(self) -> tuple[str, ...]:
-        if self.stage in ("rm", "critic"):
-            return ("value",)
-        if self.stage == "ppo-reward-adapter":
-            return ()  # a reward adapter without its head is neither a policy nor a servable reward model
-        return ("policy", "value") if self.value_head else ("policy",)
+        st = self.facts
+        return tuple(t for t in st.offers if t != "value" or self.value_head or not st.value_needs_head)
+
+    def refusal(self, target: str) -> RlexportError | None:
+        """The stage's reason not to export `target` at all, as the error to raise (None: not refused)."""
+        for t, code, why, fix in self.facts.refuse:
+            if t in (target, "*"):
+                return RlexportError(code, why, file=self.path, hint=fix)
+        return None
 
 
 def _module(fmt: Format):
@@ -109,21 +167,47 @@ def detect(path: Path) -> Format:
                         hint=f"pass a trainer output folder or one of its checkpoint-N/ folders (formats: {kinds})")
 
 
-def with_tag(path: str | Path, tag: str) -> Path:
-    """The checkpoint `--tag` names inside a run folder: a verl step (Megatron or FSDP) or a DeepSpeed tag."""
-    from . import megatron, verl
-    for fmt in (megatron, verl):
-        if fmt.detect(Path(path)):
-            return fmt.with_tag(path, tag)
-    from .deepspeed import with_tag as deepspeed_tag
-    return deepspeed_tag(path, tag)
+def _select(path: Path, *, tag: str | None = None, adapter: str | None = None) -> Path | None:
+    """The first format's answer to "which folder inside `path` is TAG / ADAPTER" (the `select` hook)."""
+    for fmt in FORMATS:
+        hook = getattr(_module(fmt), "select", None)
+        found = hook(path, tag=tag, adapter=adapter) if hook is not None else None
+        if found is not None:
+            return Path(found)
+    return None
 
 
-def open_checkpoint(path: str | Path, *, base: str | Path | None = None, tag: str | None = None) -> Source:
-    """Detect the input kind and describe the checkpoint, without reading tensor bytes.
+def steps_of(path: str | Path) -> list[Step]:
+    """The checkpoints of a training run folder, oldest first, each marked complete or not (the `steps` hook);
+    [] when no format knows `path` as a run folder."""
+    for fmt in FORMATS:
+        hook = getattr(_module(fmt), "steps", None)
+        found = hook(Path(path)) if hook is not None else None
+        if found is not None:
+            return list(found)
+    return []
 
-    `tag` picks a DeepSpeed checkpoint (`global_stepN/`) inside `path` instead of `latest` or HF weights."""
+
+def open_checkpoint(path: str | Path, *, base: str | Path | None = None, adapter: str | None = None,
+                    tag: str | None = None) -> Source:
+    """The one way into a checkpoint: pick the folder (`tag`: a step or DeepSpeed tag of a run folder;
+    `adapter`: one adapter of a PEFT folder holding several), detect its kind and describe it, without reading
+    tensor bytes.
+
+    Example:
+        >>> src = rlexport.open_checkpoint("saves/qwen2/ppo")              # doctest: +SKIP
+        >>> src.kind, src.stage, src.targets                                # doctest: +SKIP
+        ('peft', 'ppo', ('policy', 'value'))
+    """
+    path = Path(path)
     if tag is not None:
-        path = with_tag(path, tag)
-    fmt = detect(Path(path))
-    return _module(fmt).read(Path(path), base=base)
+        found = _select(path, tag=tag)
+        if found is None:
+            detect(path)  # a missing or unreadable path says so first
+            raise RlexportError("tag-not-found", f"no checkpoint tagged '{tag}' here", file=path,
+                                hint="--tag names a step folder of a run folder (global_step_N, global_stepN, "
+                                     "iter_NNNNNNN, step_N); pass the run folder")
+        path = found
+    path = _select(path, adapter=adapter) or path
+    fmt = detect(path)
+    return _module(fmt).read(path, base=base)

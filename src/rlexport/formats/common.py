@@ -7,11 +7,10 @@ from pathlib import Path
 from ..errors import RlexportError
 from ..tensors import TensorRef
 from .files import check_index, refs_of, weight_files
+from .value_heads import TRL_PREFIXES, VALUE_HEAD_FILES
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "chat_template.json", "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json")
-VALUE_HEAD_FILES = ("value_head.safetensors", "value_head.bin")
-HEAD_PREFIXES = ("v_head.", "pretrained_model.v_head.")
 
 
 def has_tokenizer(folder: Path) -> bool:
@@ -55,13 +54,13 @@ def _from_hf_cache(repo_id: str) -> Path | None:
 
 def find_value_head(folder: Path, weights: list[TensorRef]) -> tuple[tuple[TensorRef, ...], Path | None]:
     """The TRL/LLaMA-Factory value head, inside the weights or in a file beside them."""
-    inside = tuple(r for r in weights if r.name.startswith(HEAD_PREFIXES))
+    inside = tuple(r for r in weights if r.name.startswith(TRL_PREFIXES))
     if inside:
         return _ordered(inside), Path(inside[0].origin)
     for name in VALUE_HEAD_FILES:
         f = folder / name
         if f.is_file():
-            refs = tuple(r for r in refs_of([f]) if r.name.startswith(HEAD_PREFIXES))
+            refs = tuple(r for r in refs_of([f]) if r.name.startswith(TRL_PREFIXES))
             if refs:
                 return _ordered(refs), f
     return (), None

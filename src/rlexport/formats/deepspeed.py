@@ -67,11 +67,15 @@ def detect(path: Path) -> bool:
     return has_raw_checkpoint(path) and not _complete_weights(path)
 
 
-def with_tag(path: str | Path, tag: str | None) -> Path:
-    """The tag folder for `--tag TAG` (a name inside the checkpoint folder); `path` itself without one."""
-    path = Path(path)
-    if tag is None:
-        return path
+def select(path: Path, *, tag: str | None = None, adapter: str | None = None) -> Path | None:
+    """The registry's hook: the tag folder `--tag TAG` names (a name inside the checkpoint folder); None when
+    there is no tag or `path` holds no raw DeepSpeed checkpoint."""
+    if tag is None or not has_raw_checkpoint(Path(path)):
+        return None
+    return tag_dir(Path(path), tag)
+
+
+def tag_dir(path: Path, tag: str) -> Path:
     if not TAG_RE.match(tag) or tag in (".", ".."):
         raise RlexportError("bad-tag", f"--tag '{tag}' is not a folder name", file=path,
                             hint="pass the name of a global_stepN/ folder, e.g. --tag global_step500")

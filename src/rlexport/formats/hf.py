@@ -9,10 +9,10 @@ from pathlib import Path
 
 from . import Source
 from ..tensors import FLOATS
-from .common import (VALUE_HEAD_FILES, find_value_head, has_tokenizer, model_weights, pieces_beside, resolve_base,
+from .common import (find_value_head, has_tokenizer, model_weights, pieces_beside, resolve_base,
                      trainer_stage)
 from .files import read_json, weight_files
-from .value_heads import causal_config, detect_head
+from .value_heads import VALUE_HEAD_FILES, causal_config, detect_head
 
 
 def detect(path: Path) -> bool:

@@ -9,12 +9,13 @@ import dataclasses
 from pathlib import Path
 
 from ..errors import RlexportError
-from ..lora import read_adapter
+from ..lora import apply_adapter, read_adapter
 from . import Source
 from .common import (find_value_head, has_tokenizer, model_weights, pieces_beside, resolve_base,
                      trainer_stage)
 from .common import json_or_empty
 from .files import read_json, refs_of
+from .value_heads import causal_config
 
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_model.bin")
 
@@ -38,6 +39,11 @@ def adapters_in(path: Path) -> dict[str, Path]:
             if (sub / "adapter_config.json").is_file():
                 found.setdefault(sub.name, sub)
     return found
+
+
+def select(path: Path, *, tag: str | None = None, adapter: str | None = None) -> Path | None:
+    """The registry's hook: the adapter folder `--adapter NAME` names (None: a --tag is being resolved)."""
+    return None if tag is not None else select_adapter(path, adapter)
 
 
 def select_adapter(path: str | Path, name: str | None) -> Path:
@@ -83,53 +89,73 @@ def read(path: Path, *, base=None) -> Source:
     adapter = adapter.bind(base_config)  # the merge needs the architecture and the tied-embeddings flag
     head_files = [f for f in ("pytorch_model.bin",) if (path / f).is_file()]
     head, head_file = find_value_head(path, refs_of([path / f for f in head_files]) if head_files else [])
-    adapter, sequence_head = _sequence_head(path, adapter)
+    weights = model_weights(base_dir)
+    adapter, sequence_head, weights = _sequence_head(path, adapter, weights)
     producer, stage = trainer_stage(path, bool(head))
-    info = None
+    info, config = None, base_config
     if sequence_head is not None:
         info, head = sequence_head
-        head_file, producer, stage = path / "adapter_model.safetensors", "openrlhf", \
+        head_file, producer, stage = Path(head[0].origin or path), "openrlhf", \
             "rm" if info.pooling == "last" else "critic"
+        config = causal_config(base_config, file=base_dir / "config.json")  # a critic's base may be the RM
     if is_reward_adapter(path) and not head:
         stage = "ppo-reward-adapter"
     if producer == "transformers":
         producer = "trl" if head_file is not None and head_file.name == "pytorch_model.bin" else "peft"
     return Source(
-        kind="peft", path=path, producer=producer, stage=stage, config=base_config, config_dir=base_dir,
-        weights=tuple(model_weights(base_dir)), adapter=adapter, value_head=head, value_head_file=head_file,
+        kind="peft", path=path, producer=producer, stage=stage, config=config, config_dir=base_dir,
+        weights=tuple(weights), adapter=adapter, value_head=head, value_head_file=head_file,
         tokenizer_dirs=tuple(d for d in (path, base_dir) if has_tokenizer(d)), base_dir=base_dir,
         base_config=base_config, pieces=pieces_beside(path), head_info=info,
     )
 
 
-def _sequence_head(path: Path, adapter):
+def _sequence_head(path: Path, adapter, base_weights: list):
     """An OpenRLHF LoRA reward model or critic: the head named by value_head_prefix in the config.json saved beside
-    the adapter. Saved whole (modules_to_save) it is the value head; trained only as a LoRA target, its base weight
-    (randomly initialised, then frozen) was never saved, and nothing can rebuild it."""
+    the adapter. Saved whole (modules_to_save), it is the value head. Trained as a LoRA target (all-linear), its
+    base weight is the base's when the base has one: OpenRLHF's PPO critic starts from the reward model, so the
+    delta is merged into the RM's head (in float32). A LoRA reward model started from a plain LLM initialised its
+    head at random in memory and never saved it: nothing can rebuild it.
+
+    Returns the adapter without the head's pieces, (HeadInfo, head tensors) or None, and the base weights without
+    the head."""
     cfg = json_or_empty(path / "config.json")
     if "value_head_prefix" not in cfg:
-        return adapter, None
+        return adapter, None, base_weights
     prefix = str(cfg.get("value_head_prefix") or "score")
     names = (f"{prefix}.weight", f"{prefix}.bias")
     lora_on_head = [u for u in adapter.updates if u.target in names]
     whole = {n: r for n, r in adapter.full.items() if n in names}
-    if lora_on_head and not whole:
+    in_base = [r for r in base_weights if r.name in names]
+    if lora_on_head and not whole and not in_base:
         raise RlexportError("head-not-saved", f"the adapter trains the reward head '{prefix}' as a LoRA target, but "
-                            f"the head's own weight was initialised at random in memory and never saved (OpenRLHF "
-                            f"LoRA reward models and critics)", file=path / "adapter_config.json",
+                            f"the head's own weight was initialised at random in memory and never saved, and the "
+                            f"base has no '{prefix}' either (OpenRLHF LoRA reward models and critics started from a "
+                            f"plain LLM)", file=path / "adapter_config.json",
                             hint="export the full model saved by the training run instead, or retrain with the "
                                  f"head in modules_to_save; no exporter can rebuild '{prefix}'")
-    if not whole:
-        return adapter, None
-    if lora_on_head:
+    if not whole and not in_base:
+        return adapter, None, base_weights
+    if lora_on_head and whole:
         raise RlexportError("unsupported-lora-variant", f"'{prefix}' is both saved whole and a LoRA target",
                             file=path / "adapter_config.json", hint="merge it with PEFT and export the merged model")
-    arch = str((cfg.get("architectures") or [""])[0])
-    mean, std = (cfg.get("mean"), cfg.get("std"))
-    from .value_heads import HeadInfo, _norm
+    from .value_heads import OPENRLHF_CLASSES, HeadInfo, _norm
+    # PEFT's auto_mapping names the class that was trained; the config.json beside the adapter keeps the base's
+    # architectures (a critic started from the RM says RewardModel)
+    arch = str((adapter.config.get("auto_mapping") or {}).get("base_model_class") or "")
+    if arch not in OPENRLHF_CLASSES:
+        arch = str((cfg.get("architectures") or [""])[0])
     mean, std = _norm(cfg, path / "config.json")
     info = HeadInfo("openrlhf", prefix, "token" if arch == "CriticModel" else "last", mean, std,
                     bool(cfg.get("normalize_reward")))
-    rest = {n: r for n, r in adapter.full.items() if n not in names}
-    head = tuple(r.renamed(n) for n, r in whole.items())
-    return dataclasses.replace(adapter, full=rest, copies=adapter.copies - set(names)), (info, head)
+    body = [r for r in base_weights if r.name not in names]
+    if whole:
+        rest = {n: r for n, r in adapter.full.items() if n not in names}
+        head = tuple(r.renamed(n) for n, r in whole.items())
+        return dataclasses.replace(adapter, full=rest, copies=adapter.copies - set(names)), (info, head), body
+    head = tuple(in_base)
+    if lora_on_head:  # base head + its LoRA delta, float32, merged as every other target is
+        only_head = dataclasses.replace(adapter, updates=tuple(lora_on_head), full={}, copies=frozenset())
+        head = tuple(apply_adapter(list(in_base), only_head))
+    rest = tuple(u for u in adapter.updates if u.target not in names)
+    return dataclasses.replace(adapter, updates=rest), (info, head), body

@@ -20,9 +20,28 @@ from dataclasses import dataclass
 from ..errors import RlexportError
 from ..tensors import TensorRef
 
+# Every spelling of a head in one place: readers find heads by these, the transforms drop them from a policy,
+# verify names them when one is left in an export.
+TRL_HEAD = "v_head.summary"                                # TRL / LLaMA-Factory's value head module
+TRL_PREFIXES = ("v_head.", "pretrained_model.v_head.")     # its tensors, bare or inside TRL's wrapper
+VALUE_HEAD_FILES = ("value_head.safetensors", "value_head.bin")  # LLaMA-Factory saves the head beside the weights
+HEAD_MODULES = (TRL_HEAD, "score", "value_head")            # stored head modules of every convention below
 OPENRLHF_CLASSES = {"RewardModel": "last", "CriticModel": "token"}  # the classes OpenRLHF creates at run time
 OPENRLHF_PREFIXES = ("score", "value_head")  # value_head_prefix: "score" by default, "value_head" in older runs
 CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
+
+
+def is_head_tensor(name: str) -> bool:
+    """A tensor of a reward/value head in any trainer's spelling (TRL's v_head.*, score.*, value_head.*)."""
+    module = name.rpartition(".")[0]
+    return name.startswith(TRL_PREFIXES) or any(module == m or module.endswith("." + m) for m in HEAD_MODULES)
+
+
+def is_scoring_head(name: str) -> bool:
+    """A head that takes the LM head's place (score / value_head: reward models, critics), not TRL's v_head,
+    which sits beside a policy's LM head."""
+    module = name.removesuffix(".weight").removesuffix(".bias")
+    return not name.startswith(TRL_PREFIXES) and module.rsplit(".", 1)[-1] in OPENRLHF_PREFIXES
 
 
 @dataclass(frozen=True)

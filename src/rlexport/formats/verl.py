@@ -64,7 +64,12 @@ def _split(path: Path) -> tuple[Path, str | None]:
     return path, None
 
 
-def with_tag(path: str | Path, tag: str) -> Path:
+def select(path: Path, *, tag: str | None = None, adapter: str | None = None) -> Path | None:
+    """The registry's hook: the step `--tag` names in a verl run (None: no tag, or not a verl folder)."""
+    return step_dir(Path(path), tag) if tag is not None and detect(Path(path)) else None
+
+
+def step_dir(path: str | Path, tag: str) -> Path:
     """The step folder (or its actor/ / critic/, if that was passed) for `--tag global_step_N` (or N)."""
     path = Path(path)
     name = f"global_step_{tag}" if tag.isdigit() else tag
@@ -127,12 +132,14 @@ def rank_files(role_dir: Path) -> list[Path]:
 
 
 def _strip(name: str) -> str:
-    return name.removeprefix(PEFT_PREFIX).replace(".base_layer.", ".")
+    # ParamWrappers nest: a MoE's experts.base_layer.base_layer.gate_up_proj is experts.gate_up_proj
+    return re.sub(r"(?:\.base_layer)+\.", ".", name.removeprefix(PEFT_PREFIX))
 
 
 def _lora(role_dir: Path, refs, config: dict):
     """(base weights, adapter) of a PEFT model saved whole (or only its LoRA factors, save_lora_only)."""
     from ..lora import read_adapter
+    from ..lora.experts import saved_whole_params
     meta_file = role_dir / "lora_train_meta.json"
     if not meta_file.is_file():
         raise RlexportError("adapter-without-config", "the rank files hold a PEFT model (lora_A/lora_B tensors) "
@@ -149,6 +156,13 @@ def _lora(role_dir: Path, refs, config: dict):
     cfg = {"peft_type": "LORA", "r": meta.get("r"), "lora_alpha": meta.get("lora_alpha"),
            "target_modules": targets, "bias": "none", "fan_in_fan_out": False, "use_rslora": False,
            "task_type": meta.get("task_type", "CAUSAL_LM")}
+    # LoRA on parameters (MoE experts): target_parameters and the ranks PEFT gave them, from the tensors
+    kept = [r for r in refs if r.name not in peft_names] + peft
+    params = saved_whole_params([r.renamed(r.name.removeprefix(PEFT_PREFIX)) for r in kept], config,
+                                meta.get("r"), meta.get("lora_alpha"), role_dir / "lora_train_meta.json")
+    if params["target_parameters"]:
+        wrapped = {m.rsplit(".", 1)[-1] for m in params.pop("param_modules")}
+        cfg.update(params, target_modules=[t for t in targets if t not in wrapped and t != "base_layer"])
     return base, read_adapter(role_dir, cfg, peft).bind(config)
 
 
@@ -198,3 +212,34 @@ def read(path: Path, *, base=None) -> Source:
         base_dir=base_dir, base_config=read_json(base_dir / "config.json") if base_dir else None,
         pieces=pieces, head_info=info,
     )
+
+
+def tracker(run: Path) -> int | None:
+    """The step latest_checkpointed_iteration.txt names (None: absent, or caught mid-write: verl opens it with
+    "w", so a reader may see it empty)."""
+    try:
+        text = (run / ITER_FILE).read_text(errors="replace").strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def steps(path: Path) -> list | None:
+    """The registry's hook: a run folder's global_step_N/, oldest first. verl's trainer writes the tracker file
+    after every role's files and the dataloader state (`RayPPOTrainer._save_checkpoint`), so a step is complete
+    once the tracker names it or a later step; a step above it is still being written."""
+    from . import Step
+    path = Path(path)
+    if is_role_dir(path) or is_step_dir(path):
+        return None
+    found = _steps(path)
+    if not found:
+        return None
+    last = tracker(path)
+    out = []
+    for p in found:
+        n = int(STEP_RE.match(p.name).group(1))
+        done = last is not None and n <= last
+        why = "" if done else (f"{ITER_FILE} names step {last}" if last is not None else f"no {ITER_FILE} yet")
+        out.append(Step(p.name, p, done, why))
+    return out

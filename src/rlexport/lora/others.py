@@ -4,8 +4,6 @@ layer is feed-forward). Linear layers only; convolutional (CP) factors and Conv1
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 
 from .. import archs
@@ -13,10 +11,8 @@ from ..errors import RlexportError
 from . import deltas
 from .config import mismatch
 from .deltas import fp32
+from .merge import Merge
 from .read import Update
-
-if TYPE_CHECKING:
-    from .apply import Merge
 
 LOHA_PARTS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
 

@@ -85,7 +85,8 @@ class Adapter:
         for u in self.updates:
             if u.kind not in ("linear", "embedding"):
                 continue
-            name = arch.embed if tied and u.target == arch.head else u.target
+            name = archs.to_hub(cfg, u.target)
+            name = arch.embed if tied and name == arch.head else name
             for frm, to in arch.renames:
                 name = name.replace(frm, to)
             out[name] = u
@@ -99,9 +100,22 @@ class Adapter:
     def peft_type(self) -> str:
         return peft_type(self.config)
 
+    def peft_config(self):
+        """PEFT's config for this adapter, for the reference models verify builds: adapter_config.json as saved,
+        else (a trainer that saved the PeftModel whole, verl) a LoraConfig from the settings it recorded."""
+        from peft import LoraConfig, PeftConfig
+        if (self.path / "adapter_config.json").is_file():
+            return PeftConfig.from_pretrained(self.path)
+        return LoraConfig(**{k: v for k, v in self.config.items() if k in SAVED_WHOLE_KEYS})
+
     def bind(self, base_config: dict) -> "Adapter":
         """The same adapter, knowing the base model's config (architecture, tied embeddings)."""
         return Adapter(self.path, self.config, self.updates, self.full, self.copies, base_config)
+
+
+# the LoraConfig settings a trainer that saves the adapter whole records (verl's lora_train_meta.json + defaults)
+SAVED_WHOLE_KEYS = ("r", "lora_alpha", "target_modules", "target_parameters", "bias", "fan_in_fan_out", "use_rslora",
+                    "task_type", "rank_pattern", "alpha_pattern")
 
 
 def strip_wrapper(name: str) -> str:

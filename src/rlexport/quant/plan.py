@@ -2,7 +2,7 @@
 
 Quantized: the 2-D `.weight` of every Linear inside the decoder layers (`*.layers.N.*`). Copied unchanged (and
 the Linear ones listed in `ignore`, as llm-compressor writes them): `lm_head`, the embeddings, norms, biases and
-a value model's `score` head (float32). A Linear whose input size is not a multiple of the group size (w4a16) is
+a value model's `score` head (float32), a vision-language model's vision tower and projector. A Linear whose input size is not a multiple of the group size (w4a16) is
 left unquantized and listed in `ignore` (llm-compressor refuses it until the user ignores it).
 
 Each quantized weight becomes two or three TensorRefs whose loads are StreamLoaders over the weight's own load
@@ -19,13 +19,14 @@ import threading
 
 import torch
 
+from .. import archs
 from ..errors import RlexportError
 from ..stream import Rows, Scratch, StreamLoader, n_rows
 from ..tensors import FLOATS, TensorRef
-from .schemes import Scheme, codes, pack_int4, scales
+from .schemes import Scheme, codes, dtype_note, pack_int4, scales
 
 LAYER = re.compile(r"(^|\.)layers\.\d+\.")
-NEVER = ("embed_tokens.weight", "wte.weight", "lm_head.weight", "embed_out.weight", "score.weight")
+HEADS = ("score",)  # a value model's head (heads.HEAD_NAMES): float32, never quantized
 CHUNK_BYTES = 4 << 20  # float32 bytes of the source rows per step when a block spans many source rows
 
 
@@ -126,9 +127,10 @@ def _const(name: str, value: torch.Tensor, origin: str) -> TensorRef:
     return TensorRef(name, value.dtype, tuple(value.shape), lambda: value.clone(), origin)
 
 
-def quantizable(ref: TensorRef) -> bool:
+def quantizable(ref: TensorRef, never: frozenset[str] = frozenset()) -> bool:
+    """A decoder block's Linear weight; `never`: the embedding pair and heads, whatever their family calls them."""
     return (ref.name.endswith(".weight") and len(ref.shape) == 2 and ref.dtype in FLOATS
-            and LAYER.search(ref.name) is not None and not ref.name.endswith(NEVER))
+            and LAYER.search(ref.name) is not None and ref.name not in never)
 
 
 def fits(ref: TensorRef, scheme: Scheme) -> bool:
@@ -137,17 +139,29 @@ def fits(ref: TensorRef, scheme: Scheme) -> bool:
     return not scheme.group_size or ref.shape[1] % scheme.group_size == 0
 
 
-def quantize_refs(refs: list[TensorRef], scheme: Scheme) -> tuple[list[TensorRef], dict, list[str]]:
-    """The export's tensors with the decoder Linears quantized; the quantization_config; notes for the user."""
+def quantize_refs(refs: list[TensorRef], scheme: Scheme, config: dict) -> tuple[list[TensorRef], dict, list[str]]:
+    """The export's tensors with the decoder Linears quantized; the quantization_config; notes for the user.
+    `config`: the model's config.json (its family's embedding and output layer names, archs.py)."""
     out: list[TensorRef] = []
     ignore: list[str] = []
     misfit: list[str] = []
     names = {r.name for r in refs}
-    for head in ("lm_head", "score"):
-        if f"{head}.weight" in names:
-            ignore.append(head)
+    emb, out_layer = archs.embedding_pair(config)
+    never = frozenset({emb, out_layer, *(f"{h}.weight" for h in HEADS)})
+    for head in (out_layer, *(f"{h}.weight" for h in HEADS)):
+        if head in names:
+            ignore.append(head.removesuffix(".weight"))
+    # a vision-language model's vision tower and projector stay as trained, as llm-compressor's VLM recipes leave
+    # them; their Linears are listed in ignore, or vLLM would build quantized layers for them (archs.Vision.tower)
+    vision = archs.vision_of(config)
+    tower = vision.tower if vision else ()
     for ref in refs:
-        if not quantizable(ref):
+        if tower and ref.name.startswith(tower):
+            if ref.name.endswith(".weight") and len(ref.shape) == 2 and ref.dtype in FLOATS:
+                ignore.append(ref.name[: -len(".weight")])
+            out.append(ref)
+            continue
+        if not quantizable(ref, never):
             out.append(ref)
             continue
         module = ref.name[: -len(".weight")]
@@ -172,6 +186,11 @@ def quantize_refs(refs: list[TensorRef], scheme: Scheme) -> tuple[list[TensorRef
               "ignore": ignore, "quantization_status": "compressed", "kv_cache_scheme": None,
               "sparsity_config": {}, "transform_config": {}, "global_compression_ratio": None}
     notes = [f"{m} left unquantized (listed in ignore)" for m in misfit]
+    # the quantized Linears keep the export's dtype in their scales (and vLLM runs activations in it)
+    dtypes = {r.dtype for r in out if r.name.endswith(".weight_scale")}
+    notes += [n for n in (dtype_note(scheme, d) for d in sorted(dtypes, key=str)) if n]
+    if tower:
+        notes.append(f"the vision tower and its projector ({', '.join(tower)}) stay unquantized (listed in ignore)")
     if "score" in ignore:
         notes.append("the value head `score` stays float32, not quantized (listed in ignore)")
     return out, config, notes

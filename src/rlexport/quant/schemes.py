@@ -70,6 +70,17 @@ SCHEMES: dict[str, Scheme] = {
 }
 
 
+def dtype_note(scheme: Scheme, dtype: torch.dtype) -> str | None:
+    """One line when the scheme and the export's dtype make a folder most vLLM builds cannot serve: the int8 W8A8
+    kernels on GPUs and AMX CPUs quantize 16-bit activations only (measured on an AMX machine: `RuntimeError:
+    int8_scaled_mm_with_quant: expect A to be bfloat16 or half`); vLLM serves the folder in its config's dtype."""
+    if scheme.kind == "int" and scheme.activations is not None and dtype == torch.float32:
+        return (f"--quantize {scheme.name} with --dtype float32: vLLM's int8 kernels on GPUs and AMX CPUs need "
+                "16-bit activations (int8_scaled_mm_with_quant: expect A to be bfloat16 or half), so most vLLM "
+                "builds cannot serve this folder; export with --dtype bfloat16")
+    return None
+
+
 def get_scheme(name: str) -> Scheme:
     try:
         return SCHEMES[str(name).lower()]

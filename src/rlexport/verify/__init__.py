@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+from ..checks.facts import first_line
 from ..errors import RlexportError
 from ..tensors import dtype_name
 from .engine import engine_stage, resolve_engine
@@ -31,7 +32,13 @@ STRUCTURE = verify_structure.CHECKS + verify_tokens.CHECKS
 
 def structure(path: Path, source) -> tuple[list[Check], Folder]:
     """The structure stage: every check in order, each reading what the earlier ones put in the Folder."""
-    folder = Folder(Path(path))
+    folder = Folder(Path(path))  # the architecture's facts computed in-process: verify loads the model anyway
+    if source is not None and source.tokenizer_dirs:
+        from transformers import AutoTokenizer
+        try:
+            folder.source_tokenizer = AutoTokenizer.from_pretrained(source.tokenizer_dirs[0])
+        except Exception as e:  # a note of the tokenizer check: the export's own tokenizer is what is served
+            folder.source_tokenizer_error = first_line(e)
     return [check(folder, source) for check in STRUCTURE], folder
 
 

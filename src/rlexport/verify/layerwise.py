@@ -213,16 +213,14 @@ def reference_run(src: Source) -> Run:
 
 def _peft(model, src: Source):
     """PEFT's own LoRA layers around the meta model, the saved factors loaded (they stay in memory: small)."""
-    from peft import LoraConfig, PeftConfig, get_peft_model, set_peft_model_state_dict
+    from peft import get_peft_model, set_peft_model_state_dict
     from peft.tuners.tuners_utils import BaseTunerLayer
     path = src.adapter.path
+    config = src.adapter.peft_config()
     if (path / "adapter_config.json").is_file():
-        config = PeftConfig.from_pretrained(path)
         from safetensors.torch import load_file
         state = load_file(path / "adapter_model.safetensors")
     else:  # saved whole by its trainer (verl): the factors are the adapter's updates
-        keys = ("r", "lora_alpha", "target_modules", "bias", "fan_in_fan_out", "use_rslora", "task_type")
-        config = LoraConfig(**{k: v for k, v in src.adapter.config.items() if k in keys})
         state = {f"base_model.model.{u.module}.lora_{role}.weight": ref.load()
                  for u in src.adapter.updates for role, ref in (("A", u.a), ("B", u.b))}
     # PEFT moves loaded factors to the base layer's device (here: meta); keep them on the CPU

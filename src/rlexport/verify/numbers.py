@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from ..formats import Source
+from ..formats.value_heads import is_head_tensor
 from ..tensors import TensorRef
 from ..transforms import clean_name
 
@@ -141,7 +142,7 @@ def _load_full(src: Source, target: str = "policy"):
     state = {}
     for r in src.weights:  # the head is not among them (Source.value_head)
         name = clean_name(r.name)
-        if not name.startswith(("v_head.", "value_head.")):
+        if not is_head_tensor(name):
             state[name] = r.load().to(torch.float32)
     result = model.load_state_dict(state, strict=False)
     # a reward model or critic saved whole has no LM head; its value target never needs one
@@ -170,11 +171,8 @@ def _load_peft(src: Source):
 def _load_peft_saved_whole(src: Source):
     """A PeftModel its trainer saved whole (verl: base and LoRA factors in the rank files, no adapter folder):
     the base from its tensors, PEFT's own LoRA layers around it, the saved factors loaded into them."""
-    from peft import LoraConfig, get_peft_model
-    base = _load_full(src)
-    cfg = {k: v for k, v in src.adapter.config.items() if k in ("r", "lora_alpha", "target_modules", "bias",
-                                                                 "fan_in_fan_out", "use_rslora", "task_type")}
-    model = get_peft_model(base, LoraConfig(**cfg))
+    from peft import get_peft_model
+    model = get_peft_model(_load_full(src), src.adapter.peft_config())
     params = dict(model.named_parameters())
     with torch.no_grad():
         for u in src.adapter.updates:

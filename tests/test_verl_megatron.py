@@ -56,7 +56,7 @@ def test_the_fsdp_reader_does_not_claim_it():
 
 
 def test_the_checkpoint_stacks_layers_and_fuses_qkv():
-    from rlexport.formats.megatron import load_metadata
+    from rlexport.formats.dcp import load_metadata
     md = load_metadata(DIST / ".metadata")
     assert tuple(md.state_dict_metadata["decoder.layers.self_attention.linear_qkv.weight"].size) == (2, 256, 128)
     assert any(k.endswith("_extra_state/shard_0_2") for k in md.state_dict_metadata)
@@ -144,6 +144,7 @@ def test_grouped_query_attention_per_layer_names_and_padded_vocab(tmp_path):
     (actor / "model" / "huggingface").mkdir(parents=True)
     (actor / "model" / "huggingface" / "config.json").write_text(json.dumps(cfg))
     dcp.save(mc, checkpoint_id=actor / "model" / "dist_ckpt", no_dist=True)
+    (actor / "ckpt_contents.json").write_text(json.dumps({"schema_version": 2, "role": "actor"}))
     src = open_checkpoint(tmp_path / "global_step_7")
     got = {r.name: r.load() for r in src.weights}
     assert set(got) == set(sd)
