@@ -154,7 +154,7 @@ def child(code: str, *args) -> dict:
 def check(ckpt: Path, out: Path) -> None:
     """Spot-check the export against the partitions: the last layer's down_proj, rebuilt by hand."""
     from safetensors import safe_open
-    from rlexport.formats.zero import read_zero
+    from rlexport.formats.deepspeed.zero import read_zero
     z = read_zero(ckpt / "global_step1")
     name = [r.name for r in z.refs if r.name.endswith("mlp.down_proj.weight")][-1]
     want = next(r for r in z.refs if r.name == name).load().to(torch.bfloat16)
@@ -223,7 +223,7 @@ def write_md(rows, a) -> None:
         "How it stays bounded: the `.pt` files are unpickled on the `meta` device (only the pickle is read; each "
         "tensor keeps its byte offset in the zip, checked against the zip's record table), and each parameter's "
         "load `pread`s just its own slices from every rank's partition, in row blocks the writer streams "
-        "(rlexport.formats.zero.Segments). No mmap: mapped pages would count as resident memory.",
+        "(rlexport.formats.deepspeed.zero.Segments). No mmap: mapped pages would count as resident memory.",
         "",
         f"Machine: {subprocess.run(['nproc'], capture_output=True, text=True).stdout.strip()} CPU cores; "
         f"torch {torch.__version__}; Python {sys.version.split()[0]}. Export correctness is spot-checked each run "

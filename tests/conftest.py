@@ -20,9 +20,10 @@ def _isolated_hf_home(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("RLEXPORT_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "rlexport_cache"))
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def one_thread():
-    """Tiny models: one thread is fastest, and immune to a busy machine's thread contention."""
+    """Tiny models: one thread is fastest, and immune to a busy machine's thread contention. Module-scoped, so
+    a module's own module-scoped fixtures (bases, exports) run with it too: `pytestmark = usefixtures(...)`."""
     import torch
     n = torch.get_num_threads()
     torch.set_num_threads(1)

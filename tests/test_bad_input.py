@@ -22,9 +22,6 @@ from factories import make_tiny_model
 from malformed import (CASES, ERROR_LINE, Goods, build, leftovers, marker_of, shared_cli, tree_state,
                        why_incomplete, write_evil_pickle, _poke)
 
-# Cases that need an edit outside this change's files. They run; when fixed they show as XPASS: drop the entry.
-PENDING: dict[str, str] = {}
-
 
 @pytest.fixture(scope="session")
 def cli():
@@ -81,9 +78,7 @@ def test_corpus_is_big_enough_and_codes_are_stable():
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-def test_malformed_input(case, goods, cli, tmp_path, request):
-    if case.id in PENDING:
-        request.applymarker(pytest.mark.xfail(reason=PENDING[case.id], strict=False))
+def test_malformed_input(case, goods, cli, tmp_path):
     if case.needs == "non-utf8-fs" and not _non_utf8_names_work(tmp_path):
         pytest.skip("this filesystem refuses non-UTF-8 names")
     if case.needs == "permissions" and not _permissions_bite():

@@ -57,7 +57,7 @@ def test_export_equals_zero_to_fp32(tmp_path, case, route):
 
 
 def test_reader_reports_stage_and_world_size():
-    from rlexport.formats.zero import read_zero
+    from rlexport.formats.deepspeed.zero import read_zero
     for case, stage, world in (("ds_z3_nogather_ws2", 3, 2), ("ds_z2_ws2", 2, 2), ("ds_z3_gather_ws1", 3, 1)):
         z = read_zero(FIXTURES / case / "ckpt" / "global_step4")
         assert (z.stage, z.world_size, z.ds_version) == (stage, world, "0.16.9")
@@ -334,7 +334,7 @@ def test_synthetic_world_sizes_with_padding(tmp_path, tiny_base, stage, world, s
 
 @pytest.mark.parametrize("stage", [2, 3])
 def test_synthetic_frozen_shared_and_buffers(tmp_path, tiny_base, stage):
-    from rlexport.formats.zero import read_zero
+    from rlexport.formats.deepspeed.zero import read_zero
     sd = _trained(tiny_base)
     frozen = OrderedDict((k, sd.pop(k)) for k in list(sd) if "layers.0." in k)
     head = sd.pop("lm_head.weight")

@@ -95,4 +95,6 @@ def test_targets_offered():
 def test_value_target_without_a_head_is_refused(tmp_path, tiny_lora):
     with pytest.raises(rlexport.RlexportError) as e:
         rlexport.export(tiny_lora, tmp_path / "out", target="value")
-    assert e.value.code in ("target-unavailable", "value-head-missing")
+    # a plain LoRA offers only the policy (Stage.value_needs_head): refused before any head is looked for
+    assert e.value.code == "target-unavailable" and "offers policy, not value" in e.value.message
+    assert not (tmp_path / "out").exists()

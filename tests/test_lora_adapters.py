@@ -10,9 +10,9 @@ import torch
 import rlexport
 from rlexport.cli import main
 from test_lora_oracle import (Case, assert_matches_oracle, base_model, export_logits, load_folder, make_adapter,
-                              one_thread, peft_oracle, prompt)
+                              peft_oracle, prompt)
 
-__all__ = ["one_thread"]  # the module fixture: one torch thread for tiny models
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: conftest.one_thread
 
 
 @pytest.fixture(scope="module")

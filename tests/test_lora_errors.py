@@ -9,9 +9,9 @@ from safetensors.torch import save_file
 
 import rlexport
 from rlexport.cli import main
-from test_lora_oracle import Case, base_model, make_adapter, one_thread
+from test_lora_oracle import Case, base_model, load_folder, make_adapter
 
-__all__ = ["one_thread"]
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: conftest.one_thread
 P = "base_model.model.model.layers.0.self_attn."
 
 
@@ -70,9 +70,15 @@ def test_adapters_needing_the_rewritten_base_are_refused_with_the_conversion_hin
 
 
 def test_init_only_variants_merge_as_plain_lora(tmp_path, qwen2):
+    """init_lora_weights only decides the starting point of training: the saved A, B merge as W + alpha/r * B @ A."""
+    tensors = q_lora()
+    q = "model.layers.0.self_attn.q_proj.weight"
+    a, b = tensors[P + "q_proj.lora_A.weight"], tensors[P + "q_proj.lora_B.weight"]
+    want = load_folder(qwen2)[q].float() + 8 / 4 * b @ a
     for init in ("gaussian", "eva", "orthogonal", "mica"):
-        adapter = write_adapter(tmp_path / init, qwen2, q_lora(), init_lora_weights=init)
-        rlexport.export(adapter, tmp_path / f"out-{init}", dtype="float32")
+        adapter = write_adapter(tmp_path / init, qwen2, tensors, init_lora_weights=init)
+        got = load_folder(rlexport.export(adapter, tmp_path / f"out-{init}", dtype="float32").out)
+        torch.testing.assert_close(got[q], want, rtol=0, atol=1e-5)
 
 
 def test_lora_bias_on_a_layer_without_bias_is_refused_like_peft(tmp_path, qwen2):

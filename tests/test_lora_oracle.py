@@ -23,6 +23,8 @@ from safetensors import safe_open
 import rlexport
 from factories import TOKENIZER_FROM, make_tiny_model
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matmuls: conftest.one_thread
+
 # ---- architectures: tiny configs, head_dim 64 -----------------------------------------------------------------
 
 ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -296,15 +298,6 @@ def run_case(case: Case, root: Path, tmp: Path) -> None:
 
 
 CASES = [c for arch in ARCHS for c in variants(arch)]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matmuls: one thread is 10-30x faster than a contended OpenMP pool on a small machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="session")

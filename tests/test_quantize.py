@@ -240,6 +240,36 @@ def test_inspect_says_which_layers_a_scheme_leaves_unquantized(tmp_path):
     from factories import make_tiny_model
     m = make_tiny_model(tmp_path / "m", intermediate_size=200)
     q = rlexport.inspect(m)["quantize"]
-    assert q["int8"] == {"quantized": 14, "left_unquantized": [], "left_count": 0}
+    assert {k: v for k, v in q["int8"].items() if k != "note"} == {"quantized": 14, "left_unquantized": [],
+                                                                   "left_count": 0}
     assert q["w4a16"]["quantized"] == 12 and q["w4a16"]["left_count"] == 2
     assert q["w4a16"]["left_unquantized"][0].endswith("mlp.down_proj.weight")
+
+
+def test_int8_in_float32_says_to_export_in_bfloat16(tmp_path):
+    """vLLM's int8 W8A8 kernels on GPUs and AMX CPUs take 16-bit activations only (RuntimeError:
+    int8_scaled_mm_with_quant: expect A to be bfloat16 or half): the preview and the export say so in one line."""
+    from rlexport.export import plan
+    from rlexport.formats import open_checkpoint
+    m = make_tiny_model(tmp_path / "m")
+    q = rlexport.inspect(m)["quantize"]
+    assert "--dtype bfloat16" in q["int8"]["note"] and "\n" not in q["int8"]["note"]
+    assert "note" not in q["fp8"] and "note" not in q["w4a16"]  # fp8 and w4a16 serve in float32 activations
+    src = open_checkpoint(m)
+
+    def dtype_notes(scheme, dtype):
+        return [n for n in plan(src, dtype=dtype, quantize=scheme).notes if "--dtype bfloat16" in n]
+    assert len(dtype_notes("int8", "float32")) == 1
+    assert dtype_notes("int8", "bfloat16") == dtype_notes("int8", "float16") == []
+    assert dtype_notes("fp8", "float32") == dtype_notes("w4a16", "float32") == []
+
+
+def test_int8_in_float32_note_is_one_cli_line(tmp_path):
+    import subprocess
+    import sys
+    m = make_tiny_model(tmp_path / "m")
+    r = subprocess.run([sys.executable, "-m", "rlexport", "export", str(m), "--out", str(tmp_path / "o"),
+                        "--quantize", "int8", "--dtype", "float32"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if "int8_scaled_mm" in ln]
+    assert len(lines) == 1 and lines[0].startswith("note: ") and lines[0].endswith("--dtype bfloat16"), r.stderr

@@ -5,8 +5,10 @@ memory. Add a model family by adding a row; nothing else branches on model_type.
 """
 from __future__ import annotations
 
+import importlib.util
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -190,3 +192,23 @@ def memory_shapes(config: dict, stored: dict[str, tuple[int, ...]]) -> dict[str,
         out[f"{block}.experts.{ex.param}"] = (len(experts), rows, first[ex.parts[0]][1]) \
             if all(len(first.get(p, ())) == 2 for p in ex.parts) else (len(experts),)
     return out
+
+
+def _package_file(package: str, *parts: str) -> Path | None:
+    # find_spec on a top-level name does not import it (importing transformers costs ~10 s)
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    f = Path(list(spec.submodule_search_locations)[0]).joinpath(*parts)
+    return f if f.is_file() else None
+
+
+def architecture_known(arch: str, package: str = "transformers") -> bool | None:
+    """Whether transformers (or vLLM) names this class in its registry; None when the package is absent.
+
+    Reads the registry module's text instead of importing it: every class name is a string literal there.
+    """
+    where = {"transformers": ("models", "auto", "modeling_auto.py"),
+             "vllm": ("model_executor", "models", "registry.py")}[package]
+    f = _package_file(package, *where)
+    return None if f is None else f'"{arch}"' in f.read_text(errors="replace")

@@ -107,6 +107,7 @@ def stop(proc: subprocess.Popen, sig=signal.SIGTERM) -> tuple[int, list]:
 def perturbed_step(run: Path, src_step: Path, n: int, *, seed: int, truncate: bool = False) -> Path:
     """A copy of `src_step` as global_step_N with every weight moved (the numbers change measurably);
     `truncate`: rank 1's file cut in half, as a copy interrupted mid-file."""
+    import torch.distributed.tensor  # noqa: F401 - DTensor for the weights-only unpickler
     dst = run / f"global_step_{n}"
     shutil.copytree(src_step, dst)
     for f in sorted((dst / "actor").glob("model_world_size_*_rank_*.pt")):
@@ -147,7 +148,10 @@ def test_follow_swaps_complete_steps_in_place_and_ignores_incomplete_and_broken_
     exp, port, log = expected(CASE), free_port(), tmp_path / "follow.log"
     run = tmp_path / "run"
     shutil.copytree(FIXTURES / CASE / "ckpt", run)
-    step4 = run / "global_step_4"
+    step4, staged = run / "global_step_4", tmp_path / "staged"
+    step6 = perturbed_step(staged, step4, 6, seed=1)  # made before the engine starts, moved in when needed
+    step8 = perturbed_step(staged, step6, 8, seed=2, truncate=True)
+    ref = reference(open_checkpoint(step6), "policy", exp["prompts"], weights=False).numbers
     proc = start([str(run), "--follow", "--poll", "0.5", "--port", str(port), *ENGINE_ARGS], log)
     model, prompts = str(run), exp["prompts"]
     try:
@@ -161,7 +165,7 @@ def test_follow_swaps_complete_steps_in_place_and_ignores_incomplete_and_broken_
         assert http(port, "/collective_rpc", {"method": "reload_weights"})[0] == 403
 
         # a complete-looking step the tracker does not name yet is not served
-        perturbed_step(run, step4, 6, seed=1)
+        step6.rename(run / step6.name)
         wait_for(lambda: "global_step_6: not complete" in log.read_text(), 30, proc, log, "step 6 noticed")
         time.sleep(3)  # six more polls
         assert state(port)["tag"] == "global_step_4"
@@ -174,7 +178,6 @@ def test_follow_swaps_complete_steps_in_place_and_ignores_incomplete_and_broken_
                        "global_step_6 served")
         assert time.monotonic() - t0 < 30
         assert now["server_pid"] == first["server_pid"] and now["swaps"] == 1 and now["restarts"] == 0
-        ref = reference(open_checkpoint(run / "global_step_6"), "policy", prompts, weights=False).numbers
         lp6, greedy6 = numbers(port, model, prompts)
         assert max_diff(lp6, ref.logprobs) < TOL and greedy6 == ref.greedy
         assert max_diff(lp6, lp4) > 10 * TOL  # the swap changed what is served
@@ -182,7 +185,7 @@ def test_follow_swaps_complete_steps_in_place_and_ignores_incomplete_and_broken_
         assert "swap global_step_4 -> global_step_6: done" in log.read_text()
 
         # a step with a truncated rank file: logged in one line, never served, the server keeps step 6
-        perturbed_step(run, run / "global_step_6", 8, seed=2, truncate=True)
+        step8.rename(run / step8.name)
         (run / "latest_checkpointed_iteration.txt").write_text("8")
         line = wait_for(lambda: [x for x in log.read_text().splitlines() if "global_step_8: not served" in x],
                         30, proc, log, "step 8 refused")

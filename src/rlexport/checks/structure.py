@@ -170,8 +170,7 @@ def check_architecture(f: Folder, source: Source | None) -> Check:
     if facts is None:
         return skipped("architecture", S, "transformers is not installed")
     if not facts.has_class:
-        from ..diagnosis.facts import architecture_known
-        in_vllm = architecture_known(f.arch, "vllm")
+        in_vllm = archs.architecture_known(f.arch, "vllm")
         return failed("architecture", S, f"transformers has no class {f.arch}",
                       [f"vLLM: ValueError: Model architectures ['{f.arch}'] are not supported for now."]
                       if in_vllm is False else ["set architectures in config.json to the class of the weights"])

@@ -2,7 +2,6 @@
 architectures transformers and vLLM know, trainer state beside the weights."""
 from __future__ import annotations
 
-import importlib.util
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,6 +9,7 @@ from pathlib import Path
 import torch
 
 from .. import archs
+from ..archs import architecture_known  # noqa: F401 (re-exported by diagnosis)
 from ..formats import Source
 from ..formats.common import json_or_empty
 from ..tensors import FLOATS, TensorRef
@@ -108,26 +108,6 @@ def embedding_rows(src: Source) -> int | None:
         if clean_name(r.name) == emb and len(r.shape) == 2:
             return r.shape[0]
     return None
-
-
-def _package_file(package: str, *parts: str) -> Path | None:
-    # find_spec on a top-level name does not import it (importing transformers costs ~10 s)
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    f = Path(list(spec.submodule_search_locations)[0]).joinpath(*parts)
-    return f if f.is_file() else None
-
-
-def architecture_known(arch: str, package: str = "transformers") -> bool | None:
-    """Whether transformers (or vLLM) names this class in its registry; None when the package is absent.
-
-    Reads the registry module's text instead of importing it: every class name is a string literal there.
-    """
-    where = {"transformers": ("models", "auto", "modeling_auto.py"),
-             "vllm": ("model_executor", "models", "registry.py")}[package]
-    f = _package_file(package, *where)
-    return None if f is None else f'"{arch}"' in f.read_text(errors="replace")
 
 
 def optimizer_files(src: Source) -> list[Path]:

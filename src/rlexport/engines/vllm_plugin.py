@@ -5,8 +5,9 @@ core, workers: the CPU platform spawns them, so an import in the driver would no
 its own keys out of `--model-loader-extra-config` (DefaultModelLoader refuses unknown ones) and hands vLLM's
 `load_weights` rlexport's tensor stream instead of the folder's files: the same plan `export` writes (wrappers
 stripped, adapter merged in float32, heads renamed and normalisation folded, one cast to the engine's dtype),
-one tensor at a time. Under tensor parallelism each rank receives whole tensors and its parameters' weight
-loaders slice them, exactly as with files on disk; a LoRA delta merged into the whole tensor is right on every rank.
+read and merged on a thread a few tensors ahead of vLLM's loader (read_ahead). Under tensor parallelism each rank
+receives whole tensors and its parameters' weight loaders slice them, exactly as with files on disk; a LoRA delta
+merged into the whole tensor is right on every rank.
 
     vllm serve BASE --load-format rlexport --model-loader-extra-config '{"checkpoint": "CKPT"}'
 
@@ -15,9 +16,12 @@ loaders slice them, exactly as with files on disk; a LoRA delta merged into the 
 from __future__ import annotations
 
 import copy
-from pathlib import Path
+import queue
+import threading
 
 LOAD_FORMAT = "rlexport"
+# loaded ahead of vLLM's loader: a few decoder tensors of a 7B model (one larger tensor, an embedding, goes alone)
+AHEAD_BYTES = 256 * 2**20
 # our keys in --model-loader-extra-config; the rest goes to vLLM's DefaultModelLoader
 OPTIONS = ("checkpoint", "base", "target", "normalize", "adapter", "tag")
 
@@ -55,5 +59,50 @@ def stream(options: dict, *, dtype):
                           tag=options.get("tag"))
     p = plan(src, target=options.get("target", "policy"), dtype=dtype_name(dtype),
              normalize=bool(options.get("normalize", True)))
-    for ref in p.tensors:
-        yield ref.name, ref.load()
+    yield from read_ahead(p.tensors, AHEAD_BYTES)
+
+
+def read_ahead(refs, budget: int):
+    """(name, tensor) of `refs` in order, each read and merged on a thread while vLLM places the previous ones.
+
+    At most `budget` bytes are loaded ahead of the consumer (a tensor larger than that alone, once the consumer
+    holds nothing else): memory stays bounded whatever the model's size. A tensor's bytes are given back when the
+    consumer asks for the next one (vLLM has copied it into its parameter by then). An error in the thread is
+    raised here, in vLLM's loader; a consumer that stops early stops the thread."""
+    cond = threading.Condition()
+    state = {"held": 0, "stop": False}
+    ready: queue.Queue = queue.Queue()
+
+    def produce():
+        try:
+            for ref in refs:
+                size = ref.numel * ref.dtype.itemsize
+                with cond:
+                    cond.wait_for(lambda: state["stop"] or state["held"] == 0 or state["held"] + size <= budget)
+                    if state["stop"]:
+                        return
+                    state["held"] += size
+                ready.put((ref.name, ref.load(), size))
+            ready.put(None)
+        except BaseException as e:  # handed to the consumer, raised in vLLM's load
+            ready.put(e)
+
+    thread = threading.Thread(target=produce, name="rlexport-read-ahead", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = ready.get()
+            if item is None:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            name, tensor, size = item
+            yield name, tensor
+            del tensor, item
+            with cond:
+                state["held"] -= size
+                cond.notify()
+    finally:
+        with cond:
+            state["stop"] = True
+            cond.notify()

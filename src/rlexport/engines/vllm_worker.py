@@ -12,7 +12,7 @@ A job: {"model": dir, "mode": "generate"|"pool", "dtype": "float32", "prompts": 
                   the model's own chat template, no generation prompt added)}
 A result: {"ok": bool, "error": "Type: first line", "logprobs": [[...]], "greedy": [[...]], "scores": [[...]],
            "prompt_ids": [[ids as the engine saw them, image placeholders expanded]] (with images),
-           "chat_ids", "chat_logprobs", "chat_greedy" (with chats)}
+           "chat_prompt_ids", "chat_logprobs", "chat_greedy" (with chats)}
 """
 from __future__ import annotations
 

@@ -5,6 +5,7 @@ value-head wrapper (v_head.* inside the weights, sometimes under a `pretrained_m
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from . import Source
@@ -58,3 +59,33 @@ def _raw_checkpoints(path: Path, weights) -> tuple:
     found = [d for d in sorted(path.glob("checkpoint-*")) if d.is_dir() and has_raw_checkpoint(d)]
     return tuple(Piece("raw-checkpoint", d, f"the weights here are empty ZeRO-3 placeholders; the real ones are in "
                        f"this DeepSpeed checkpoint: rlexport export {d}") for d in found)
+
+
+CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+
+def steps(path: Path) -> list | None:
+    """The registry's hook (for hf and peft runs alike): the `checkpoint-N/` folders of a trainer's output folder,
+    oldest first. The HF Trainer writes trainer_state.json after the model, optimizer and DeepSpeed state
+    (`Trainer._save_checkpoint`): a checkpoint is complete once it is there. LLaMA-Factory's PPO trainer saves
+    only the model and its value head, with no marker: such a checkpoint counts as complete and `serve --follow`
+    waits until its files stop changing."""
+    from . import Step
+    try:
+        found = sorted((d for d in Path(path).iterdir() if CHECKPOINT_RE.match(d.name) and d.is_dir()),
+                       key=lambda d: int(CHECKPOINT_RE.match(d.name).group(1)))
+    except OSError:
+        return None
+    if not found:
+        return None
+    lf_run = (Path(path) / "trainer_log.jsonl").is_file()  # LLaMA-Factory's LogCallback, from the first step
+    out = []
+    for d in found:
+        if (d / "trainer_state.json").is_file():
+            out.append(Step(d.name, d, True))
+        elif lf_run and (d / "value_head.safetensors").is_file() and not (d / "optimizer.pt").exists():
+            out.append(Step(d.name, d, True, "LLaMA-Factory PPO writes no completion marker: complete once its "
+                                             "files stop changing"))
+        else:
+            out.append(Step(d.name, d, False, "no trainer_state.json yet (the Trainer writes it last)"))
+    return out

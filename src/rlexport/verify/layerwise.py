@@ -16,7 +16,6 @@ import types
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable
-from unittest import mock
 
 import torch
 
@@ -202,19 +201,22 @@ def reference_run(src: Source) -> Run:
         base["lm_head.weight"] = base["model.embed_tokens.weight"]
     if src.adapter is None:
         return attach(model, base)
-    peft_model = _peft(model, src)
+    peft_model = _peft(model, src, base)
     loaders = {}
     for name, p in peft_model.named_parameters():
-        plain = name.removeprefix("base_model.model.").replace(".base_layer.", ".").replace(".original_module.", ".")
-        if p.is_meta and plain in base:
-            loaders[name] = base[plain]
+        if p.is_meta and plain_name(name) in base:
+            loaders[name] = base[plain_name(name)]
     return attach(peft_model, loaders)
 
 
-def _peft(model, src: Source):
+def plain_name(name: str) -> str:
+    """A parameter of the PEFT model as the base model names it."""
+    return name.removeprefix("base_model.model.").replace(".base_layer.", ".").replace(".original_module.", ".")
+
+
+def _peft(model, src: Source, base: dict[str, TensorRef]):
     """PEFT's own LoRA layers around the meta model, the saved factors loaded (they stay in memory: small)."""
     from peft import get_peft_model, set_peft_model_state_dict
-    from peft.tuners.tuners_utils import BaseTunerLayer
     path = src.adapter.path
     config = src.adapter.peft_config()
     if (path / "adapter_config.json").is_file():
@@ -223,11 +225,18 @@ def _peft(model, src: Source):
     else:  # saved whole by its trainer (verl): the factors are the adapter's updates
         state = {f"base_model.model.{u.module}.lora_{role}.weight": ref.load()
                  for u in src.adapter.updates for role, ref in (("A", u.a), ("B", u.b))}
-    # PEFT moves loaded factors to the base layer's device (here: meta); keep them on the CPU
-    with mock.patch.object(BaseTunerLayer, "_move_adapter_to_device_of_base_layer", lambda *a, **k: None):
-        peft_model = get_peft_model(model, config)
-        set_peft_model_state_dict(peft_model, {k: v.to(torch.float32) for k, v in state.items()},
-                                  low_cpu_mem_usage=True)
+    # PEFT puts the adapter's parameters on the base layer's device (here: meta). Give every parameter that is
+    # not a base weight (the LoRA factors, DoRA magnitudes, modules_to_save copies) CPU storage, then let PEFT
+    # copy the saved state into it: the base weights stay meta, filled module by module by attach().
+    peft_model = get_peft_model(model, config)
+    for name, p in list(peft_model.named_parameters()):
+        if p.is_meta and plain_name(name) not in base:
+            owner, _, leaf = name.rpartition(".")
+            peft_model.get_submodule(owner)._parameters[leaf] = torch.nn.Parameter(
+                torch.zeros(p.shape, dtype=torch.float32), requires_grad=False)
+    result = set_peft_model_state_dict(peft_model, {k: v.to(torch.float32) for k, v in state.items()})
+    if result.unexpected_keys:  # a factor PEFT could not place would silently drop out of the reference
+        raise ValueError(f"the adapter's {result.unexpected_keys[0]} has no place in PEFT's model")
     return peft_model.eval()
 
 

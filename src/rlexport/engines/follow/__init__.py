@@ -156,7 +156,13 @@ class Supervisor:
     def swap_to(self, new: Served) -> None:
         old = self.current
         if new.shape != old.shape:
-            self.restart(new, f"{new.tag} differs from {old.tag} in tensor names, shapes, dtypes or config")
+            try:
+                self.restart(new, f"{new.tag} differs from {old.tag} in tensor names, shapes, dtypes or config")
+            except EngineError as e:
+                log.warning("%s: the engine did not start on it (%s)", new.tag, e)
+                new.pin and new.pin.close()
+                self.restart(old, "the last good checkpoint")
+                return
             self._retire(old)
             return
         log.info("swap %s -> %s: started", old.tag, new.tag)
@@ -169,7 +175,7 @@ class Supervisor:
             self.engine.resume()
         except EngineError as e:
             log.warning("swap %s -> %s: failed (%s)", old.tag, new.tag, e)
-            new.pin.close()
+            new.pin and new.pin.close()
             self.current = old
             self.restart(old, "the last good checkpoint, after the failed swap")
             return
@@ -192,7 +198,7 @@ class Supervisor:
                     errors.append(e)
             if errors and not _any_pending(watch):
                 raise errors[0]
-            if not waiting:
+            if not waiting and not watch.last_print:  # (a complete one seen once is settling, not awaited)
                 log.info("waiting for a complete checkpoint in %s", self.follow)
                 waiting = True
             time.sleep(self.opts.poll)

@@ -15,11 +15,11 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from ..errors import RlexportError
-from ..tensors import FLOATS
-from . import Piece, Source
-from .common import find_value_head, has_tokenizer, model_weights, pieces_beside, resolve_base, trainer_stage
-from .files import read_json, refs_of, weight_files
+from ...errors import RlexportError
+from ...tensors import FLOATS
+from .. import Piece, Source
+from ..common import find_value_head, has_tokenizer, model_weights, pieces_beside, resolve_base, trainer_stage
+from ..files import read_json, refs_of, weight_files
 from .zero import MODEL_RE, OPTIM_RE, ZERO3_MODEL_RE, Zero, read_zero
 
 TAG_RE = re.compile(r"^[^/\\]+$")
@@ -178,7 +178,7 @@ def read(path: Path, *, base=None) -> Source:
 def _peft(ckpt_dir: Path, tag_dir: Path, refs, frozen: set[str], base):
     """A PeftModel trained under DeepSpeed: the LoRA factors (and trained full tensors) become an adapter over
     the base model's own weights; the frozen base copies in the checkpoint are not needed."""
-    from ..lora import read_adapter
+    from ...lora import read_adapter
     cfg_file = next((d / "adapter_config.json" for d in (ckpt_dir, tag_dir) if (d / "adapter_config.json").is_file()),
                     None)
     if cfg_file is None:
@@ -192,3 +192,29 @@ def _peft(ckpt_dir: Path, tag_dir: Path, refs, frozen: set[str], base):
                             relative_to=ckpt_dir, explicit=base is not None)
     adapter = adapter.bind(read_json(base_dir / "config.json"))
     return adapter, base_dir, model_weights(base_dir)
+
+
+def steps(path: Path) -> list | None:
+    """The registry's hook: the tag folders of a raw DeepSpeed save folder (OpenRLHF's `ckpt/_actor`), oldest
+    first. `engine.save_checkpoint` writes `latest` on rank 0 after every rank saved its files: a tag is complete
+    once `latest` names it or a later one. A folder with its own config.json is one checkpoint (an HF Trainer
+    `checkpoint-N/`), not a run: None; the Trainer's run folder is listed by the hf hook."""
+    from .. import Step
+    path = Path(path)
+    if is_tag_dir(path) or (path / "config.json").is_file():
+        return None
+    tags = _tags(path)
+    if not tags:
+        return None
+    try:
+        latest = (path / "latest").read_text(errors="replace").strip()
+    except OSError:
+        latest = ""
+    last = int(re.sub(r"\D", "", latest) or -1) if latest else None
+    out = []
+    for t in tags:
+        n = int(re.sub(r"\D", "", t.name) or 0)
+        done = last is not None and n <= last
+        out.append(Step(t.name, t, done, "" if done else (f"'latest' names {latest}" if last is not None
+                                                          else "no 'latest' file yet")))
+    return out

@@ -22,11 +22,11 @@ from pathlib import Path
 
 import torch
 
-from ..errors import RlexportError
-from ..stream import Rows, Scratch, StreamLoader, block_shape, pread_into, row_numel
-from ..tensors import TensorRef
-from .files import input_error
-from .pickles import PtFile, load_pt
+from ...errors import RlexportError
+from ...stream import Rows, Scratch, StreamLoader, block_shape, pread_into, row_numel
+from ...tensors import TensorRef
+from ..files import input_error
+from ..pickles import PtFile, load_pt
 
 OPTIM_RE = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$")
 ZERO3_MODEL_RE = re.compile(r"^zero_pp_rank_(\d+)_mp_rank_(\d+)_model_states\.pt$")
