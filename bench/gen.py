@@ -8,12 +8,26 @@ not depend on the code under test.
 from __future__ import annotations
 
 import json
+import os
 import struct
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+# Where generated inputs and outputs go (GBs, outside the repo): --root, else $RLEXPORT_BENCH_ROOT, else a folder in
+# the system's temporary directory.
+DEFAULT_ROOT = Path(os.environ.get("RLEXPORT_BENCH_ROOT") or Path(tempfile.gettempdir()) / "rlexport-bench")
+
+
+def venv_python(var: str, what: str) -> str:
+    """The Python of a tool's own venv (llm-compressor, verl), named by an environment variable."""
+    py = os.environ.get(var)
+    if not py:
+        raise SystemExit(f"set {var} to the python of the venv with {what} (bench/README.md says how to make it)")
+    return py
 
 ST = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}
 LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

@@ -1,6 +1,6 @@
 """A verl FSDP2 actor checkpoint (world size 2, rank files of DTensors Shard(0)) of a bench geometry, no training.
 
-    .venv/bin/python bench/gen_verl.py --geometry 1.5b [--root /work/scratch/bench]
+    .venv/bin/python bench/gen_verl.py --geometry 1.5b [--root DIR]
 
 Writes ROOT/verl-<geometry>/ the way verl 0.9.1's FSDPCheckpointManager lays out a run (see
 src/rlexport/formats/verl.py and tests/test_verl.py's flat-memory builder, which this follows):
@@ -31,7 +31,7 @@ from torch.distributed.tensor._dtensor_spec import DTensorSpec, TensorMeta
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from gen import LINEAR, ensure_inputs  # noqa: E402
+from gen import DEFAULT_ROOT, LINEAR, ensure_inputs  # noqa: E402
 
 FIXTURE_ACTOR = HERE.parent / "tests/fixtures/verl_fsdp2_actor_qwen2/ckpt/global_step_4/actor"
 
@@ -70,7 +70,7 @@ def make_verl(base: Path, run: Path, world_size: int = 2) -> Path:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--geometry", default="1.5b")
-    ap.add_argument("--root", type=Path, default=Path("/work/scratch/bench"))
+    ap.add_argument("--root", type=Path, default=DEFAULT_ROOT)
     args = ap.parse_args()
     base, _ = ensure_inputs(args.geometry, args.root, rank=64, targets=LINEAR)
     t = time.time()

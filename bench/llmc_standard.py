@@ -2,7 +2,7 @@
 
 Run with the llm-compressor venv (it cannot share rlexport's .venv; peft installed into it):
 
-    /work/venvs/llmc/bin/python bench/llmc_standard.py BASE ADAPTER OUT SCHEME      # SCHEME: W8A8 | W4A16
+    $LLMC_PYTHON bench/llmc_standard.py BASE ADAPTER OUT SCHEME      # SCHEME: W8A8 | W4A16
 
 `AutoModelForCausalLM.from_pretrained(bf16)`, `PeftModel.from_pretrained`, `merge_and_unload`, then
 `oneshot(model=..., recipe=QuantizationModifier(targets="Linear", scheme=SCHEME, ignore=["lm_head"]),

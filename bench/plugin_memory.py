@@ -27,7 +27,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import run as harness  # noqa: E402
-from gen import GEOMETRIES, LINEAR, ensure_inputs, make_adapter  # noqa: E402
+from gen import DEFAULT_ROOT, GEOMETRIES, LINEAR, ensure_inputs, make_adapter  # noqa: E402
 
 LF = HERE.parent / "tests/fixtures/lf_ppo_lora_qwen2/ckpt"
 
@@ -52,7 +52,7 @@ def make_ckpt(geometry: str, root: Path) -> tuple[Path, Path]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--geometry", choices=sorted(GEOMETRIES), default="1.5b")
-    ap.add_argument("--root", type=Path, default=Path("/work/scratch/bench"))
+    ap.add_argument("--root", type=Path, default=DEFAULT_ROOT)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--nice", type=int, default=0)
     args = ap.parse_args()

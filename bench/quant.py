@@ -26,9 +26,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import run as harness  # noqa: E402
-from gen import GEOMETRIES, LINEAR, ensure_inputs  # noqa: E402
+from gen import DEFAULT_ROOT, GEOMETRIES, LINEAR, ensure_inputs, venv_python  # noqa: E402
 
-LLMC_PY = "/work/venvs/llmc/bin/python"
 LLMC_SCHEME = {"int8": "W8A8", "w4a16": "W4A16", "fp8": "FP8_DYNAMIC"}
 
 
@@ -39,8 +38,8 @@ def command(method: str, base: Path, adapter: Path, out: Path) -> list[str]:
         return [harness.RLEXPORT, "export", str(adapter), "--base", str(base), "--out", str(out), "--quiet",
                 "--quantize", method.removeprefix("rlexport-")]
     if method.startswith("llmc-"):
-        return [LLMC_PY, str(HERE / "llmc_standard.py"), str(base), str(adapter), str(out),
-                LLMC_SCHEME[method.removeprefix("llmc-")]]
+        return [venv_python("LLMC_PYTHON", "llm-compressor"), str(HERE / "llmc_standard.py"), str(base),
+                str(adapter), str(out), LLMC_SCHEME[method.removeprefix("llmc-")]]
     raise ValueError(method)
 
 
@@ -92,7 +91,7 @@ def compare(a: Path, b: Path) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--geometry", choices=sorted(GEOMETRIES), default="1.5b")
-    ap.add_argument("--root", type=Path, default=Path("/work/scratch/bench"))
+    ap.add_argument("--root", type=Path, default=DEFAULT_ROOT)
     ap.add_argument("--schemes", default="int8,w4a16")
     ap.add_argument("--cache", default="warm", help="cold,warm or one of them")
     ap.add_argument("--repeat", type=int, default=3, help="rounds of the fast methods (median reported)")
@@ -238,7 +237,7 @@ if __name__ == "__main__":
     if sys.argv[1:2] == ["--render"]:
         render(sys.argv[2] if len(sys.argv) > 2 else "1.5b")
     elif sys.argv[1:2] == ["--compare-only"]:  # --compare-only GEOMETRY [SCHEMES]
-        compare_only(sys.argv[2], Path("/work/scratch/bench"),
+        compare_only(sys.argv[2], DEFAULT_ROOT,
                      (sys.argv[3] if len(sys.argv) > 3 else "int8,w4a16").split(","))
     else:
         main()

@@ -4,7 +4,7 @@
     python bench/run.py --geometry 7b              # Qwen2-7B geometry (15 GB; the standard path needs ~17 GB RAM)
     python bench/run.py --render                   # only rebuild bench/RESULTS.md from bench/results-*.json
 
-Inputs are generated once (fixed seed, no download) under --root (default /work/scratch/bench), outside the
+Inputs are generated once (fixed seed, no download) under --root (default $RLEXPORT_BENCH_ROOT, else <tmp>/rlexport-bench), outside the
 repo; outputs are deleted after each run; --clean removes the inputs at the end. Cold runs drop the page cache
 first (needs root; otherwise the run is marked "not dropped"). Peak RSS is the kernel's high-water mark of the
 command (wait4 ru_maxrss, mapped file pages included; taken by a lean launcher, see timed()), output bytes are
@@ -26,7 +26,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 
-from gen import GEOMETRIES, LINEAR, ensure_inputs  # noqa: E402
+from gen import DEFAULT_ROOT, GEOMETRIES, LINEAR, ensure_inputs  # noqa: E402
 
 PY = sys.executable
 RLEXPORT = str(Path(PY).with_name("rlexport"))
@@ -286,7 +286,7 @@ def main() -> None:
     ap.add_argument("--targets", default=",".join(LINEAR), help="comma-separated module names")
     ap.add_argument("--adapter-dtype", choices=["float32", "bfloat16"], default="float32",
                     help="dtype of the saved LoRA factors (PEFT saves float32 unless told otherwise)")
-    ap.add_argument("--root", type=Path, default=Path("/work/scratch/bench"))
+    ap.add_argument("--root", type=Path, default=DEFAULT_ROOT)
     ap.add_argument("--repeat", type=int, default=1, help="runs per cell; the table shows the median")
     ap.add_argument("--methods", default="floor,rlexport,standard")
     ap.add_argument("--standard", choices=["auto", "run", "skip"], default="auto",

@@ -1,6 +1,6 @@
 """verify at any model size (issue 17): `rlexport verify OUT --against CKPT` layer by layer vs whole models.
 
-    python bench/verify_size.py --geometry 7b [--methods layerwise] [--root /work/scratch/bench]
+    python bench/verify_size.py --geometry 7b [--methods layerwise] [--root DIR]
 
 Writes the geometry's base + rank-64 LoRA with gen.py (shared with run.py), exports it once (bf16), then times
 each verify method as a whole process (run.py's launcher: wall time, peak RSS from wait4) with `--engine none`
@@ -26,7 +26,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--geometry", choices=sorted(gen.GEOMETRIES), default="1.5b")
     ap.add_argument("--methods", default="layerwise,whole")
-    ap.add_argument("--root", type=Path, default=Path("/work/scratch/bench"))
+    ap.add_argument("--root", type=Path, default=gen.DEFAULT_ROOT)
     ap.add_argument("--clean", action="store_true", help="delete the export afterwards")
     a = ap.parse_args()
     geo = gen.GEOMETRIES[a.geometry]

@@ -9,7 +9,7 @@ ru_maxrss of the command alone; warm = the rank files read once before each run)
   * floor: `cp -r ACTOR OUT && sync` (the actor folder: both rank files and huggingface/)
   * rlexport: `rlexport export RUN --out OUT --quiet` (RUN: the verl run folder; bf16 out, the config's dtype)
   * verl: `python -m verl.model_merger merge --backend fsdp --local_dir ACTOR --target_dir OUT && sync`
-    (/work/venvs/verl, verl 0.9.1; it writes bf16)
+    (the venv $VERL_PYTHON names, verl 0.9.1; it writes bf16)
 The first warm outputs of rlexport and verl are compared tensor by tensor. Results: bench/verl-<geometry>.json
 and the section bench/RESULTS.d/30-verl-<geometry>.md of RESULTS.md.
 """
@@ -28,10 +28,9 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import run as harness  # noqa: E402
-from gen import GEOMETRIES  # noqa: E402
+from gen import DEFAULT_ROOT, GEOMETRIES, venv_python  # noqa: E402
 from quant import compare  # noqa: E402
 
-VERL_PY = "/work/venvs/verl/bin/python"
 LABELS = {"floor": "`cp -r` actor/ + `sync` (floor)", "rlexport": "`rlexport export` (verl run folder)",
           "verl": "verl's merger (`python -m verl.model_merger merge --backend fsdp`) + `sync`"}
 
@@ -43,7 +42,8 @@ def command(method: str, run: Path, out: Path) -> list[str]:
     if method == "rlexport":
         return [harness.RLEXPORT, "export", str(run), "--out", str(out), "--quiet"]
     if method == "verl":
-        return ["sh", "-c", f"'{VERL_PY}' -m verl.model_merger merge --backend fsdp --local_dir '{actor}' "
+        verl_py = venv_python("VERL_PYTHON", "verl")
+        return ["sh", "-c", f"'{verl_py}' -m verl.model_merger merge --backend fsdp --local_dir '{actor}' "
                             f"--target_dir '{out}' && sync"]
     raise ValueError(method)
 
@@ -51,7 +51,7 @@ def command(method: str, run: Path, out: Path) -> list[str]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--geometry", choices=sorted(GEOMETRIES), default="1.5b")
-    ap.add_argument("--root", type=Path, default=Path("/work/scratch/bench"))
+    ap.add_argument("--root", type=Path, default=DEFAULT_ROOT)
     ap.add_argument("--cache", default="warm")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--verl-repeat", type=int, default=2)
@@ -145,7 +145,7 @@ if __name__ == "__main__":
     elif sys.argv[1:2] == ["--compare-only"]:  # make both outputs once, untimed, and compare them
         import subprocess
         geometry = sys.argv[2] if len(sys.argv) > 2 else "1.5b"
-        root = Path("/work/scratch/bench")
+        root = DEFAULT_ROOT
         run, out = root / f"verl-{geometry}", root / "out-verl"
         out.mkdir(exist_ok=True)
         kept = {}

@@ -20,12 +20,14 @@ SCRIPT = textwrap.dedent("""
     from pathlib import Path
     import torch
     import rlexport
+    import rlexport.checks.selfcheck as sc
     from rlexport.errors import RlexportError
     from rlexport.export import plan, write
     from rlexport.formats import open_checkpoint
     from rlexport.tensors import TensorRef
 
     ckpt, tmp = Path(sys.argv[1]), Path(sys.argv[2])
+    small, sc.CHILD_MIN_BYTES = sc.CHILD_MIN_BYTES, 0  # the fixture is tiny: take the large exports' path
     out = {}
     def run(name, fn):
         try:
@@ -47,6 +49,10 @@ SCRIPT = textwrap.dedent("""
     run("shape-miss", lambda: write(wide, tmp / "e"))                # a config.json the tensors do not fit
     out["written"] = sorted(x.name for x in tmp.iterdir())
     out["transformers"] = "transformers" in sys.modules
+    sc.CHILD_MIN_BYTES = small
+    os.environ["RLEXPORT_CACHE_DIR"] = str(tmp / "cache3")
+    run("small-miss", lambda: write(bad, tmp / "f"))                 # a small export: facts in-process, on the plan
+    out["small-transformers"] = "transformers" in sys.modules
     print(json.dumps(out))
 """)
 
@@ -66,6 +72,7 @@ def test_the_export_process_never_imports_transformers_and_still_catches_bad_pla
     assert r["shape-miss"].startswith("export-self-check: tensor-shapes") and ".mlp." in r["shape-miss"], r
     assert r["written"] == ["a", "b", "cache2"]  # nothing committed for the bad plans, no temporary left
     assert r["transformers"] is False
+    assert r["small-miss"].startswith("export-self-check: tensor-names") and r["small-transformers"] is True, r
 
 
 def test_facts_survive_the_cache_unchanged(tmp_path, monkeypatch):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import shutil
 import sys
 from pathlib import Path
@@ -34,24 +35,29 @@ def test_the_server_is_started_from_this_interpreter_on_loopback():
     assert cmd[-2:] == ["--dtype", "float32"]
 
 
-def test_print_only_and_one_line_errors_before_any_engine(tmp_path):
+def test_print_only_and_one_line_errors_before_any_engine(tmp_path, capsys):
     r = CliRunner().invoke(cli, ["serve", str(VERL), "--print-only", "--host", "0.0.0.0", "--port", "9001"])
     assert r.exit_code == 0, r.output
     assert r.output.startswith(f"{sys.executable} -m {SERVER_MODULE} ") and "--host 0.0.0.0 --port 9001" in r.output
     bad = tmp_path / "run" / "global_step_1" / "actor"
     bad.mkdir(parents=True)
     (bad / "model_world_size_1_rank_0.pt").write_bytes(b"PK\x03\x04 cut")
-    from rlexport.errors import RlexportError
-    with pytest.raises(RlexportError) as e:
-        served(bad)
-    assert e.value.code in ("corrupt-pickle", "missing-config")
+    from rlexport.cli import main
+    with pytest.raises(SystemExit) as e:  # the real entry point: one line, exit 2, no engine started
+        main(["serve", str(bad)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and err[0].startswith("error[") and "vLLM" not in err[0]
+    with pytest.raises(SystemExit) as e:  # one checkpoint is not a run to follow: said, not waited on
+        main(["serve", str(FIXTURES / "trl_vhead_full" / "ckpt"), "--follow"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "error[not-a-run-folder]" in err
     r = CliRunner().invoke(cli, ["serve", str(VERL), "--follow", "--tag", "global_step_4"])
     assert r.exit_code == 2 and "--follow" in r.output
 
 
 def test_world_size_and_control_host():
     assert follow.world_size(("--tensor-parallel-size", "4", "-pp=2")) == 8
-    assert follow.world_size(("--dtype", "float32")) == 1
+    assert follow.world_size(("--dtype", "float32")) == 1 and follow.world_size(("-dp", "2")) is None
     assert follow.control_host("0.0.0.0") == "127.0.0.1" and follow.control_host("::") == "[::1]"
     assert follow.control_host("10.1.2.3") == "10.1.2.3"
 
@@ -93,17 +99,26 @@ def test_deepspeed_tags_complete_once_latest_names_them(tmp_path):
     assert [(s.tag, s.complete) for s in steps_of(run)] == [("global_step4", True), ("global_step8", False)]
 
 
-def test_watch_serves_settled_complete_steps_newest_first_and_refuses_once(tmp_path, caplog):
+def test_watch_serves_settled_complete_steps_newest_first_and_refuses_once(tmp_path):
     run = tmp_path / "run"
     shutil.copytree(VERL, run)
     w = Watch(run)
     assert w.poll(None) == []  # first sight: not settled yet
     assert [s.tag for s in w.poll(None)] == ["global_step_4"]
     shutil.copytree(run / "global_step_4", run / "global_step_6")
-    with caplog.at_level("INFO", logger="rlexport.serve"):
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("rlexport.serve")
+    logger.addHandler(handler)
+    level, logger.level = logger.level, logging.INFO
+    try:
         for _ in range(3):
             assert w.poll("global_step_4") == []
-    assert sum("global_step_6: not complete" in r.message for r in caplog.records) == 1
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    assert sum("global_step_6: not complete" in r.getMessage() for r in records) == 1
     (run / "latest_checkpointed_iteration.txt").write_text("6")
     w.poll("global_step_4")
     (ready,) = w.poll("global_step_4")
@@ -182,6 +197,7 @@ class FakeEngine:
         self.log.append(("swap", options["checkpoint"]))
         if self.fail_swap:
             raise follow.EngineError("POST /collective_rpc: HTTP 500: Cannot copy out of meta tensor")
+        return 1
 
     def resume(self):
         self.log.append(("resume",))
@@ -205,7 +221,7 @@ def _served(tag, shape=("policy",)):
 def test_same_shape_swaps_in_place_and_a_new_shape_restarts(monkeypatch, tmp_path):
     sup, log = _supervisor(monkeypatch, tmp_path)
     sup.current = _served("global_step_4")
-    sup.swap_to(_served("global_step_6"))
+    assert sup.swap_to(_served("global_step_6")) is None
     assert log == [("swap", "global_step_6"), ("resume",)] and sup.current.tag == "global_step_6"
     assert json.loads(sup.state_file.read_text())["tag"] == "global_step_6"
     sup.swap_to(_served("global_step_8", shape=("policy", "bigger vocab")))
@@ -221,7 +237,7 @@ def test_a_failed_swap_restarts_on_the_last_good_step(monkeypatch, tmp_path):
     (tmp_path / "global_step_6" / "w.bin").write_bytes(b"w")
     (tmp_path / "pins").mkdir()
     new.pin = Pin(tmp_path / "global_step_6", tmp_path / "pins")
-    sup.swap_to(new)
+    assert "in-place swap failed" in sup.swap_to(new)
     assert log == [("swap", "global_step_6"), ("restart", "global_step_4")]
     assert sup.current.tag == "global_step_4" and not new.pin.root.exists()  # the refused step is let go
     sup.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import shutil
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ from safetensors.torch import load_file
 import rlexport
 from conftest import expected
 from factories import FIXTURES, copy_fixture
-from rlexport.formats import open_checkpoint
+from rlexport.formats import open_checkpoint, steps_of
 from test_export import load_folder
 
 CASE = "verl_megatron_actor_qwen2"
@@ -150,3 +151,146 @@ def test_grouped_query_attention_per_layer_names_and_padded_vocab(tmp_path):
     assert set(got) == set(sd)
     for k, v in sd.items():
         assert torch.equal(got[k], v), k
+
+
+# ---- TP 2 x PP 2 (megatron-core 0.16.1 resharding a TP1 checkpoint, saved in verl 0.9.1's v2 layout) ----
+
+TP = "verl_megatron_tp2pp2_qwen2"
+CRITIC = "verl_megatron_critic_qwen2"
+
+
+def test_tp2_pp2_actor_equals_reference_and_needs_the_base(tmp_path):
+    ckpt, base = FIXTURES / TP / "ckpt", FIXTURES / TP / "base"
+    e = _error(ckpt)  # verl 0.9.1 saves model/huggingface/ only with hf_model in save_contents
+    assert e.code == "missing-config" and "--base" in e.hint
+    out = rlexport.export(ckpt, tmp_path / "out", dtype="float32", base=base).out
+    got, ref = load_folder(out), load_file(FIXTURES / TP / "reference.safetensors")
+    assert set(got) == set(ref) == set(expected(TP)["names"])
+    for k, v in ref.items():
+        assert torch.equal(got[k], v), k
+    from transformers import AutoModelForCausalLM
+    from rlexport.verify.numbers import policy_numbers
+    exp = expected(TP)
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    with torch.no_grad():
+        num = policy_numbers(model, exp["prompts"], 12)
+    assert max(abs(p - q) for x, y in zip(num.logprobs, exp["policy"]["logprobs"]) for p, q in zip(x, y)) < 1e-4
+    assert num.greedy == exp["policy"]["greedy"]
+
+
+def test_inspect_shows_the_layout_saved_with():
+    report = rlexport.inspect(FIXTURES / TP / "ckpt", base=FIXTURES / TP / "base")
+    t = report["trainer"]
+    assert t["parallel_layout"] == {"tp": 2, "pp": 2} and t["role"] == "actor" and t["optimizer_state"] is None
+    assert rlexport.inspect(FIXTURES / CASE / "ckpt")["trainer"]["parallel_layout"] == {"tp": 1, "pp": 1}
+
+
+def test_critic_is_a_value_model(tmp_path):
+    src = open_checkpoint(FIXTURES / CRITIC / "ckpt")
+    assert (src.stage, src.targets) == ("critic", ("value",))
+    assert [(r.name, r.shape) for r in src.value_head] == [("output_layer.weight", (1, 128))]
+    assert not any(r.name == "lm_head.weight" for r in src.weights)
+    out = rlexport.export(FIXTURES / CRITIC / "ckpt", tmp_path / "out", target="value", dtype="float32").out
+    got, ref = load_folder(out), load_file(FIXTURES / CRITIC / "reference.safetensors")
+    assert torch.equal(got["score.weight"], ref["score.weight"]) and torch.equal(got["score.bias"], torch.zeros(1))
+    from transformers import AutoModelForTokenClassification
+    model = AutoModelForTokenClassification.from_pretrained(out, dtype=torch.float32).eval()
+    exp = expected(CRITIC)
+    with torch.no_grad():
+        vals = [model(torch.tensor([p])).logits[0, :, 0].tolist() for p in exp["prompts"]]
+    assert max(abs(a - b) for s, v in zip(vals, exp["value"]) for a, b in zip(s, v)) < 1e-4
+
+
+def test_a_step_without_its_manifest_is_unfinished(tmp_path):
+    ckpt = copy_fixture(TP, tmp_path) / "ckpt"
+    base = tmp_path / TP / "base"
+    shutil.copytree(ckpt / "global_step_6", ckpt / "global_step_8")
+    (ckpt / "global_step_8" / "actor" / "ckpt_contents.json").unlink()  # verl writes it last
+    steps = steps_of(ckpt)
+    assert [(s.tag, s.complete) for s in steps] == [("global_step_6", True), ("global_step_8", False)]
+    assert "ckpt_contents.json" in steps[1].why
+    src = open_checkpoint(ckpt, base=base)  # the newest complete step
+    assert all("global_step_6" in r.origin for r in src.weights)
+    e = _error(ckpt / "global_step_8")
+    assert e.code == "incomplete-checkpoint" and "ckpt_contents.json" in str(e)
+    listed = rlexport.inspect(ckpt, base=base)["trainer"]["steps"]  # inspect lists them, unfinished ones marked
+    assert [(s["tag"], s["complete"]) for s in listed] == [("global_step_6", True), ("global_step_8", False)]
+
+
+# ---- MoE: Qwen3-MoE saved with expert parallelism 2 (SequentialMLP: `mlp.experts.experts.` [L, E, ...]) ----
+
+MOE = "verl_megatron_moe_qwen3moe"
+
+
+def test_moe_experts_come_out_in_transformers_fused_names():
+    """The reader's contract with the MoE transform: transformers-5 in-memory names, gate rows first."""
+    src = open_checkpoint(FIXTURES / MOE / "ckpt")
+    got, ref = {r.name: r for r in src.weights}, load_file(FIXTURES / MOE / "reference.safetensors")
+    assert set(got) == set(ref)
+    assert got["model.layers.1.mlp.experts.gate_up_proj"].shape == (4, 128, 128)  # [E, 2I, H]
+    assert got["model.layers.1.mlp.experts.down_proj"].shape == (4, 128, 64)  # [E, H, I]
+    assert got["model.layers.0.mlp.gate.weight"].shape == (4, 128) and "model.layers.0.self_attn.q_norm.weight" in got
+    for k, v in ref.items():
+        assert torch.equal(got[k].load(), v), k
+    report = rlexport.inspect(FIXTURES / MOE / "ckpt")
+    assert report["trainer"]["parallel_layout"] == {"tp": 1, "pp": 1, "ep": 2}
+
+
+def test_moe_export_gives_the_training_time_numbers(tmp_path):
+    from transformers import AutoModelForCausalLM
+    from rlexport.verify.numbers import policy_numbers
+    out = rlexport.export(FIXTURES / MOE / "ckpt", tmp_path / "out", dtype="float32").out
+    exp = expected(MOE)
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    with torch.no_grad():
+        num = policy_numbers(model, exp["prompts"], 12)
+    assert max(abs(p - q) for x, y in zip(num.logprobs, exp["policy"]["logprobs"]) for p, q in zip(x, y)) < 1e-4
+    assert num.greedy == exp["policy"]["greedy"]
+
+
+def test_qwen2_moe_shared_expert_names(tmp_path):
+    """Megatron's shared expert (`mlp.shared_experts.linear_fc1` [gate; up], `gate_weight`) and stacked experts
+    written here with torch DCP (layers and experts stacked, as Megatron saves them) come out as transformers'
+    Qwen2-MoE names, loadable strictly."""
+    import json
+    import torch.distributed.checkpoint as dcp
+    from transformers import AutoModelForCausalLM, Qwen2MoeConfig
+    cfg = dict(vocab_size=64, hidden_size=32, intermediate_size=48, moe_intermediate_size=16,
+               shared_expert_intermediate_size=24, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+               head_dim=16, num_experts=4, num_experts_per_tok=2, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    hf = AutoModelForCausalLM.from_config(Qwen2MoeConfig(**cfg))
+    sd = {k: torch.randn(v.shape) for k, v in hf.state_dict().items()}
+    L, p = 2, "model.layers.{}."
+
+    def stack(suffix):
+        return torch.stack([sd[p.format(i) + suffix] for i in range(L)])
+    qkv = {}
+    for kind in ("weight", "bias"):
+        q, k, v = (stack(f"self_attn.{x}_proj.{kind}") for x in "qkv")  # one query group: [q; k; v]
+        qkv[kind] = torch.cat([q, k, v], 1)
+    mc = {"embedding.word_embeddings.weight": sd["model.embed_tokens.weight"],
+          "output_layer.weight": sd["lm_head.weight"], "decoder.final_layernorm.weight": sd["model.norm.weight"],
+          "decoder.layers.self_attention.linear_qkv.weight": qkv["weight"],
+          "decoder.layers.self_attention.linear_qkv.bias": qkv["bias"],
+          "decoder.layers.self_attention.linear_proj.weight": stack("self_attn.o_proj.weight"),
+          "decoder.layers.input_layernorm.weight": stack("input_layernorm.weight"),
+          "decoder.layers.pre_mlp_layernorm.weight": stack("post_attention_layernorm.weight"),
+          "decoder.layers.mlp.router.weight": stack("mlp.gate.weight"),
+          "decoder.layers.mlp.experts.experts.linear_fc1.weight": stack("mlp.experts.gate_up_proj"),
+          "decoder.layers.mlp.experts.experts.linear_fc2.weight": stack("mlp.experts.down_proj"),
+          "decoder.layers.mlp.shared_experts.linear_fc1.weight": torch.cat(
+              [stack("mlp.shared_expert.gate_proj.weight"), stack("mlp.shared_expert.up_proj.weight")], 1),
+          "decoder.layers.mlp.shared_experts.linear_fc2.weight": stack("mlp.shared_expert.down_proj.weight"),
+          "decoder.layers.mlp.shared_experts.gate_weight": stack("mlp.shared_expert_gate.weight")}
+    actor = tmp_path / "global_step_1" / "actor"
+    (actor / "model" / "huggingface").mkdir(parents=True)
+    (actor / "model" / "huggingface" / "config.json").write_text(json.dumps({**Qwen2MoeConfig(**cfg).to_dict(),
+                                                                             "architectures": ["Qwen2MoeForCausalLM"]}))
+    dcp.save(mc, checkpoint_id=actor / "model" / "dist_ckpt", no_dist=True)
+    (actor / "ckpt_contents.json").write_text(json.dumps({"schema_version": 2, "role": "actor"}))
+    got = {r.name: r.load() for r in open_checkpoint(tmp_path).weights}
+    assert set(got) == set(sd)
+    for k, v in sd.items():
+        assert torch.equal(got[k], v), k
+    hf.load_state_dict(got, strict=True)

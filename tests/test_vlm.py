@@ -22,6 +22,8 @@ from rlexport import archs, parallel
 from rlexport.errors import RlexportError
 
 CASE = "verl_fsdp2_vlm_actor_qwen25vl"
+LF_CASE = "lf_dpo_lora_qwen25vl"  # LLaMA-Factory 0.9.3 LoRA DPO: adapter in-memory names, base in the hub layout
+LF_FULL = "lf_dpo_full_qwen25vl"  # LLaMA-Factory 0.9.3 full DPO: save_pretrained's hub layout, 4.x processor files
 CKPT = FIXTURES / CASE / "ckpt"
 HF = CKPT / "global_step_4" / "actor" / "huggingface"
 LOGPROB_TOL = 1e-4  # float32 export vs the float32 training-time model
@@ -40,6 +42,12 @@ def exported(tmp_path_factory) -> Path:
     return rlexport.export(CKPT, tmp_path_factory.mktemp("vlm") / "out", dtype="float32").out
 
 
+@pytest.fixture(scope="module")
+def lf_exported(tmp_path_factory) -> Path:
+    return rlexport.export(FIXTURES / LF_CASE / "ckpt", tmp_path_factory.mktemp("vlm_lf") / "out",
+                           dtype="float32").out
+
+
 # --- names: one table, both directions ----------------------------------------------------------------------------
 @pytest.mark.parametrize("model_type, memory, hub", [
     # Qwen2-VL / 2.5-VL: the hub drops `language_model.` and keeps the tower at the top level
@@ -51,6 +59,9 @@ def exported(tmp_path_factory) -> Path:
     ("llava", "lm_head.weight", "language_model.lm_head.weight"),
     ("gemma3", "model.multi_modal_projector.mm_input_projection_weight",
      "multi_modal_projector.mm_input_projection_weight"),
+    # transformers 5.19 keeps the SigLIP/CLIP tower without its `vision_model.` level in memory; the hub has it
+    ("gemma3", "model.vision_tower.encoder.layers.0.mlp.fc1.weight",
+     "vision_tower.vision_model.encoder.layers.0.mlp.fc1.weight"),
     # Qwen3-VL shipped with the in-memory names: nothing renamed
     ("qwen3_vl", "model.language_model.layers.0.self_attn.q_proj.weight",
      "model.language_model.layers.0.self_attn.q_proj.weight"),
@@ -63,6 +74,12 @@ def test_layout_names_map_both_ways(model_type, memory, hub):
     assert archs.to_hub(cfg, hub) == hub          # already hub: unchanged
     assert archs.to_memory(cfg, hub) == memory
     assert archs.to_memory(cfg, memory) == memory  # already in memory: unchanged
+
+
+def test_an_older_in_memory_tower_name_keeps_one_vision_model_level():
+    cfg = {"model_type": "llava"}
+    name = "model.vision_tower.vision_model.encoder.layers.0.self_attn.q_proj.weight"
+    assert archs.to_hub(cfg, name) == "vision_tower.vision_model.encoder.layers.0.self_attn.q_proj.weight"
 
 
 def test_every_vision_row_names_a_class_a_tower_and_its_layout_inverts():
@@ -105,7 +122,7 @@ def test_verl_vlm_export_carries_processor_files_and_nested_config(exported):
     assert cfg["dtype"] == cfg["text_config"]["dtype"] == cfg["vision_config"]["dtype"] == "float32"
 
 
-def _image_inputs(folder: Path, prompt: dict):
+def _image_inputs(folder: Path, case: str, prompt: dict):
     from PIL import Image
     from transformers import AutoProcessor
     processor = AutoProcessor.from_pretrained(folder)
@@ -113,18 +130,22 @@ def _image_inputs(folder: Path, prompt: dict):
                                                  for c in m["content"]] if isinstance(m["content"], list)
                  else m["content"]} for m in prompt["messages"]]
     text = processor.apply_chat_template(messages, tokenize=False)
-    image = Image.open(FIXTURES / CASE / prompt["image"]).convert("RGB")
+    image = Image.open(FIXTURES / case / prompt["image"]).convert("RGB")
     return processor(text=[text], images=[image], return_tensors="pt")
 
 
-def test_verl_vlm_export_reproduces_training_numbers_with_an_image(exported, one_thread):
-    """transformers on the export (its chat template, processor and weights) against the training-time numbers."""
+@pytest.mark.parametrize("case", [CASE, LF_CASE, LF_FULL])
+def test_export_reproduces_training_numbers_with_an_image(request, tmp_path, case, one_thread):
+    """transformers 5 on the export (its chat template, processor and weights) against the training-time numbers
+    (verl: transformers 5; LLaMA-Factory: transformers 4.52, + PEFT on the hub-layout base for the LoRA case)."""
     from transformers import Qwen2_5_VLForConditionalGeneration
+    exported = request.getfixturevalue("exported") if case == CASE else request.getfixturevalue("lf_exported") \
+        if case == LF_CASE else rlexport.export(FIXTURES / case / "ckpt", tmp_path / "out", dtype="float32").out
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(exported, dtype=torch.float32).eval()
-    exp = expected(CASE)
+    exp = expected(case)
     with torch.no_grad():
         for prompt in exp["image"]["prompts"]:
-            inputs = _image_inputs(exported, prompt)
+            inputs = _image_inputs(exported, case, prompt)
             ids = inputs["input_ids"][0].tolist()
             assert ids == prompt["expanded_ids"]  # the exported template + processor render what training saw
             logp = model(**inputs).logits[0].log_softmax(-1)
@@ -137,6 +158,18 @@ def test_verl_vlm_export_reproduces_training_numbers_with_an_image(exported, one
         logp = model(input_ids=ids).logits[0].log_softmax(-1)
         got = [float(logp[j - 1, ids[0, j]]) for j in range(1, ids.shape[1])]
         assert max(abs(a - b) for a, b in zip(got, exp["policy"]["logprobs"][0])) < LOGPROB_TOL
+
+
+def test_llamafactory_vl_lora_export_keeps_the_base_layout_and_the_4x_processor_files(lf_exported):
+    """The adapter says model.language_model.* / model.visual.*; the base (and so the export) model.* / visual.*."""
+    adapter = set(tensors(FIXTURES / LF_CASE / "ckpt"))
+    assert any(".model.language_model.layers." in k for k in adapter) and any(".model.visual.blocks." in k
+                                                                              for k in adapter)
+    assert set(tensors(lf_exported)) == set(tensors(FIXTURES / LF_CASE / "base"))
+    for name in ("preprocessor_config.json", "video_preprocessor_config.json", "chat_template.jinja"):
+        assert (lf_exported / name).read_bytes() == (FIXTURES / LF_CASE / "ckpt" / name).read_bytes()
+    cfg = json.loads((lf_exported / "config.json").read_text())
+    assert cfg["architectures"] == ["Qwen2_5_VLForConditionalGeneration"] and cfg["vocab_size"] == 384
 
 
 # --- adapters across the two layouts -------------------------------------------------------------------------------
@@ -159,6 +192,27 @@ def test_adapter_in_memory_names_merges_into_a_hub_layout_base(exported, tmp_pat
     assert any(k.startswith("visual.") for k in changed) and any(k.startswith("model.layers.") for k in changed)
     for k, t in got.items():
         torch.testing.assert_close(t, want[k], atol=1e-6, rtol=0, msg=k)
+
+
+# --- verify --against: an image prompt and the vision tower's weights -------------------------------------------
+def test_verify_against_the_checkpoint_runs_an_image_prompt(exported, tmp_path, one_thread):
+    from rlexport.verify import verify
+    report = verify(exported, against=CKPT, engine="none")
+    assert report.ok, report.failed()
+    assert report.check("weights").summary.startswith("57 tensors")  # the vision tower's 31 among them
+    # a vision tower changed after training: the weights check names it; the image row of logprobs moves while
+    # every text prompt stays the same (the text prompts never run the tower)
+    bad = tmp_path / "bad"
+    shutil.copytree(exported, bad)
+    shard = next(bad.glob("*.safetensors"))
+    state = tensors(bad)
+    state["visual.blocks.0.attn.qkv.weight"] = state["visual.blocks.0.attn.qkv.weight"] * 1.5
+    save_file(state, shard, metadata={"format": "pt"})
+    report = verify(bad, against=CKPT, engine="none")
+    assert {"weights", "logprobs"} <= set(report.failed())
+    assert "visual.blocks.0.attn.qkv.weight" in " ".join(report.check("weights").details)
+    assert "greedy" not in report.failed()
+    assert report.check("logprobs").details[0].startswith(f"prompt {len(report.prompts)},")  # the image row
 
 
 # --- quantization and tensor parallelism --------------------------------------------------------------------------
@@ -206,6 +260,19 @@ def test_processor_files_come_from_the_base_when_the_checkpoint_has_none(tmp_pat
     shutil.copytree(exported, base)
     out = rlexport.export(case / "ckpt", tmp_path / "out", base=base, dtype="float32").out
     assert (out / "processor_config.json").read_bytes() == (base / "processor_config.json").read_bytes()
+
+
+def test_verify_names_the_processor_files_a_folder_lacks(tmp_path, exported):
+    """What a hand-made export loses (LLaMA-Factory#10169, EasyR1#48): vLLM would not start, LLM.chat would fail."""
+    from rlexport.verify import verify
+    assert verify(exported, engine="none").check("processor").status == "pass"
+    bad = tmp_path / "bad"
+    shutil.copytree(exported, bad)
+    (bad / "processor_config.json").unlink()
+    (bad / "chat_template.jinja").unlink()
+    check = verify(bad, engine="none").check("processor")
+    assert check.status == "fail"
+    assert "processor_config.json" in check.summary and "chat_template.jinja" in " ".join(check.details)
 
 
 def test_checkpoint_without_its_vision_tower_is_refused(tmp_path, exported):

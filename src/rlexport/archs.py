@@ -70,8 +70,11 @@ def _qwen_vl(cls: str) -> Vision:
 
 
 def _llava_vl(cls: str) -> Vision:
+    # transformers 5.19 drops the SigLIP/CLIP tower's `vision_model.` level in memory (conversion_mapping.py
+    # PrefixChange); earlier versions keep it; the hub (and vLLM) has `vision_tower.vision_model.*`
     return Vision(cls, (("model.language_model.", "language_model.model."), ("lm_head.", "language_model.lm_head."),
-                        ("model.vision_tower.", "vision_tower."),
+                        ("model.vision_tower.", "vision_tower.vision_model."),
+                        ("model.vision_tower.vision_model.", "vision_tower.vision_model."),
                         ("model.multi_modal_projector.", "multi_modal_projector.")),
                   ("vision_tower.", "multi_modal_projector."), heads="num_attention_heads")
 
@@ -134,14 +137,12 @@ def vision_of(config: dict) -> Vision | None:
 def to_hub(config: dict, name: str) -> str:
     """A tensor name in the hub layout (`model.language_model.x` -> `model.x` for Qwen2.5-VL); others unchanged."""
     v = vision_of(config)
-    for mem, hub in v.layout if v else ():
-        if name.startswith(mem):
-            return hub + name[len(mem):]
-    return name
+    mem = max((m for m, _ in v.layout if name.startswith(m)), key=len, default=None) if v else None
+    return name if mem is None else dict(v.layout)[mem] + name[len(mem):]  # the longest in-memory prefix wins
 
 
 def to_memory(config: dict, name: str) -> str:
-    """A tensor name in the transformers >= 5 in-memory layout (the inverse of to_hub)."""
+    """A tensor name in the transformers >= 5 in-memory layout (the inverse of to_hub; the first row wins)."""
     v = vision_of(config)
     if v is None or any(name.startswith(mem) for mem, _ in v.layout):
         return name

@@ -101,10 +101,10 @@ def export_cmd(ckpt, out_dir, base, target, dtype, max_shard_size, force, allow_
         err.print(f"[green]exported[/] {report.target} to {report.out}: {report.tensors} tensors, "
                   f"{report.bytes / 1e6:.1f} MB {report.dtype} in {report.shards} shard(s) ({p.dtype_reason})")
         for note in p.notes:
-            err.print(f"note: {note}")
+            err.print(f"note: {note}", soft_wrap=True)  # one line, whatever the width
         err.print(f"serve it with: {report.serve_hint}")
     if verify_engine is not None:
-        _verify_and_exit(out_dir, against=src.path, base=base, engine=verify_engine, as_json=False)
+        _verify_and_exit(out_dir, against=src.path, base=base, engine=verify_engine, as_json=False, card=True)
 
 
 @cli.command("verify")
@@ -161,10 +161,14 @@ def serve_cmd(ctx, ckpt, base, target, raw_head, adapter_name, tag, host, port, 
 
 
 def _verify_and_exit(folder, *, against, base, engine: str, as_json: bool, tp: int | None = None,
-                     layerwise: bool | None = None) -> None:
+                     layerwise: bool | None = None, card: bool = False) -> None:
     from .verify import verify
     report = verify(folder, against=against, base=base, engine=engine, tensor_parallel_size=tp,
                     layerwise=layerwise).to_json()
+    if card:  # export --verify: the export's README.md records the verdict (model_card.py says why after the commit)
+        from pathlib import Path
+        from .model_card import record_verdict
+        record_verdict(Path(folder), report)
     if as_json:
         click.echo(json.dumps(report, indent=2))
     else:

@@ -9,11 +9,12 @@ from typing import Callable
 
 import torch
 
-from . import archs, folder
+from . import archs, folder, model_card
 from .errors import RlexportError
 from .formats import Source, open_checkpoint
 from .formats.value_heads import is_scoring_head
 from .tensors import DTYPES, TensorRef, dtype_name, parse_dtype, parse_size
+from .hub_layout import to_hub_layout
 from .transforms import apply_adapter, cast, strip_wrappers, tie_embeddings
 from .formats.files import check_unchanged
 from .output.atomic import AtomicFolder, OutLock, remove_stale
@@ -65,7 +66,7 @@ def resolve_dtype(src: Source, requested: str) -> tuple[torch.dtype, str]:
 
 
 def plan_policy(src: Source, dtype: torch.dtype, *, allow_nonfinite: bool) -> list[TensorRef]:
-    refs = strip_wrappers(list(src.weights))
+    refs = to_hub_layout(strip_wrappers(list(src.weights)), src.config)  # MoE experts, VLM prefixes: hub names
     if src.adapter is not None:
         refs = apply_adapter(refs, src.adapter)
     refs, _ = tie_embeddings(refs, src.config)
@@ -203,6 +204,7 @@ def write_folder_files(p: Plan, tmp: Path) -> None:
     for name, data in p.extra_files.items():
         folder.write_json(tmp / name, data)
     folder.copy_tokenizer(p.source, tmp)
+    model_card.write_card(p, tmp)  # README.md: the Hub's model card, provenance, the trainer's card below
 
 
 def export(ckpt: str | Path, out: str | Path, *, base: str | Path | None = None, target: str = "policy",

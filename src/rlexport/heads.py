@@ -23,6 +23,7 @@ from .errors import RlexportError
 from .formats import Source
 from .formats.value_heads import TRL_HEAD
 from .tensors import TensorRef
+from .hub_layout import to_hub_layout
 from .transforms import apply_adapter, cast, strip_wrappers, tie_embeddings
 
 HEAD_NAMES = {"weight": "score.weight", "bias": "score.bias"}
@@ -86,7 +87,7 @@ def plan_value(src: Source, dtype: torch.dtype, *, allow_nonfinite: bool,
                normalize: bool = True) -> tuple[list[TensorRef], dict]:
     """The body (no output layer) and the float32 score head; and the `rlexport` record for config.json."""
     head = head_refs(src, normalize=normalize)
-    refs = strip_wrappers(list(src.weights))
+    refs = to_hub_layout(strip_wrappers(list(src.weights)), src.config)  # MoE experts, VLM prefixes: hub names
     if src.adapter is not None:
         refs = apply_adapter(refs, src.adapter)
     refs, _ = tie_embeddings(refs, src.config)  # a tied pair keeps its embedding; the LM head goes

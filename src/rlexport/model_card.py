@@ -113,7 +113,8 @@ def card_text(p, *, verdict: str | None = None) -> str:
     rows = [("input", f"`{src.kind}` checkpoint written by {trainer}" + (f", stage {src.stage}" if src.stage else "")),
             ("step", step(src) or "unknown"), ("adapter", adapter_line(src.adapter)),
             ("target", "policy (causal LM)" if p.target == "policy" else
-             f"value: `{p.config['architectures'][0]}`, score head in float32"),
+             f"value: `{p.config['architectures'][0]}`, score head in float32, serves the "
+             f"{(p.config.get('rlexport') or {}).get('serves', 'value')}"),
             ("dtype", dtype_name(p.dtype)), ("quantization", quantization_line(p.config)),
             ("rlexport", __version__)]
     lines = ["---", data.to_yaml(), "---", "",

@@ -76,6 +76,8 @@ def to_per_expert(refs: list[TensorRef], config: dict) -> list[TensorRef]:
         if len(ref.shape) != 3 or ref.shape[1] % len(spec.parts):
             raise RlexportError("moe-expert-shape", f"'{ref.name}' has shape {list(ref.shape)}, not [experts, "
                                 f"{' + '.join(spec.parts)} rows, in]", file=ref.origin, hint=HINT)
+        if expert_count(config) not in (None, ref.shape[0]):
+            raise _count(ref.name, ref.shape[0], expert_count(config), arch.moe, ref.origin)
         out.extend(_split(ref, m["block"], spec))
     check_experts(out, config)
     return out
@@ -210,6 +212,10 @@ def check_experts(refs: list[TensorRef], config: dict) -> None:
         if r.name in routers and want is not None and hidden is not None and tuple(r.shape) != (want, hidden):
             raise RlexportError("moe-router-shape", f"router '{r.name}' has shape {list(r.shape)}, not "
                                 f"[{want} experts, {hidden} hidden] as config.json says", file=r.origin, hint=HINT)
+        if any(r.name.endswith(f".{moe.router}.{b}") for b in moe.router_buffers) and want is not None \
+                and tuple(r.shape) != (want,):
+            raise RlexportError("moe-router-shape", f"router buffer '{r.name}' has shape {list(r.shape)}, not "
+                                f"[{want}]", file=r.origin, hint=HINT)
         if moe.shared_gate and r.name.endswith(f".{moe.shared_gate}.weight") and hidden is not None \
                 and tuple(r.shape) != (1, hidden):
             raise RlexportError("moe-router-shape", f"shared-expert gate '{r.name}' has shape {list(r.shape)}, "
@@ -253,3 +259,70 @@ def facts(names, config: dict) -> dict | None:
     return {"experts": expert_count(config), "top_k": text.get(moe.topk_key), "expert_size": text.get(moe.size_key),
             "shared_experts": shared, "layout_found": layout(names, config),
             "layout_written": "per-expert" if moe.per_expert else "fused"}
+
+
+def never_quantized(config: dict) -> tuple[str, ...]:
+    """Name suffixes of the MoE weights a quantized export keeps as trained and lists in `ignore`: the router
+    and the shared-expert gate (llm-compressor's MoE recipes ignore `re:.*mlp.gate$` and
+    `re:.*shared_expert_gate$`: a few rows deciding which experts run, cheap and sensitive). Experts are
+    quantized one by one like any Linear."""
+    arch = archs.arch_of(config)
+    moe = arch.moe
+    if moe is None:
+        return ()
+    block = _rename(arch, ".mlp.")
+    return tuple(f"{block}{m}.weight" for m in (moe.router, moe.shared_gate) if m)
+
+
+# ---- per expert -> fused (what transformers 5 builds in memory; verify's layer-by-layer models) ----------------
+
+def to_memory_layout(refs: dict[str, TensorRef], config: dict) -> dict[str, TensorRef]:
+    """The tensors under transformers 5's in-memory names: per-expert tensors stacked into the fused
+    `<block>.experts.<param>` [E, parts' rows, in] (read when that module runs), Mixtral's block renamed back.
+    Fused inputs and other families come back unchanged."""
+    arch = archs.arch_of(config)
+    if arch.moe is None:
+        return dict(refs)
+    out: dict[str, TensorRef] = {}
+    groups: dict[tuple[str, str], dict[int, dict[str, TensorRef]]] = {}
+    for name, r in refs.items():
+        mem = name
+        for in_memory, on_disk in arch.renames:
+            mem = mem.replace(on_disk, in_memory)
+        m = EXPERT_RE.match(mem)
+        spec = next((x for x in arch.experts if m and m["part"] in x.parts), None)
+        if spec is None:
+            out[mem] = r if mem == name else r.renamed(mem)
+            continue
+        groups.setdefault((m["block"], spec.param), {}).setdefault(int(m["e"]), {})[m["part"]] = r
+    for (block, param), experts in groups.items():
+        spec = next(x for x in arch.experts if x.param == param)
+        order = [[experts[e][p] for p in spec.parts] for e in sorted(experts)]
+        first = order[0]
+        shape = (len(order), sum(r.shape[0] for r in first), first[0].shape[1])
+        out[f"{block}.experts.{param}"] = TensorRef(
+            f"{block}.experts.{param}", first[0].dtype, shape,
+            lambda order=order: torch.stack([torch.cat([r.load() for r in parts]) for parts in order]),
+            first[0].origin)
+    return out
+
+
+def split_state(state: dict[str, torch.Tensor], config: dict) -> dict[str, torch.Tensor]:
+    """An in-memory state dict (transformers 5 names) under the hub checkpoint's names: fused experts as views of
+    each expert's rows (verify compares a reference model's merged weights with an export by name)."""
+    arch = archs.arch_of(config)
+    if arch.moe is None or not arch.moe.per_expert:
+        return state
+    out = {}
+    for name, t in state.items():
+        hub = _rename(arch, name)
+        m = FUSED_RE.match(hub)
+        spec = next((x for x in arch.experts if m and x.param == m["param"]), None)
+        if spec is None or t.dim() != 3:
+            out[hub] = t
+            continue
+        rows = t.shape[1] // len(spec.parts)
+        for e in range(t.shape[0]):
+            for i, part in enumerate(spec.parts):
+                out[f"{m['block']}.experts.{e}.{part}.weight"] = t[e, i * rows:(i + 1) * rows]
+    return out

@@ -31,6 +31,13 @@ RULES: tuple[Rule, ...] = (
          "vllm/model_executor/layers/linear.py MergedColumnParallelLinear / RowParallelLinear"),
     Rule("MoE expert intermediate size", ("moe_intermediate_size",), "divides",
          "vllm/model_executor/layers/fused_moe/config.py FusedMoEConfig.__post_init__"),
+    # a w4a16 export's scale groups must not straddle ranks: the expert (and MLP) inner size per rank is a multiple
+    # of the group size (the fused-MoE WNA16 method raises ValueError; RowParallelLinear asserts it for down_proj).
+    # Expert parallelism (--enable-expert-parallel) splits whole experts instead, unevenly if need be
+    # (fused_moe/expert_map_manager.py determine_expert_map), and lifts the expert rules.
+    Rule("expert (or MLP) intermediate size per rank, w4a16 groups", ("moe_intermediate_size", "intermediate_size"),
+         "groups", "vllm/model_executor/layers/quantization/compressed_tensors/compressed_tensors_moe/"
+         "compressed_tensors_moe_wna16.py create_weights"),
     Rule("shared-expert intermediate size", ("shared_expert_intermediate_size",), "divides",
          "vllm/model_executor/layers/linear.py MergedColumnParallelLinear (Qwen2-MoE shared expert)"),
     # VocabParallelEmbedding / ParallelLMHead pad the vocabulary to a multiple of 64, then divide it
@@ -57,7 +64,20 @@ def _value(config: dict, rule: Rule) -> int | None:
     return None
 
 
-def _ok(rule: Rule, value: int, tp: int) -> bool:
+def _group(config: dict) -> int | None:
+    """The group size of a group-quantized (w4a16) compressed-tensors config.json, else None."""
+    q = config.get("quantization_config") if isinstance(config.get("quantization_config"), dict) else {}
+    for g in (q.get("config_groups") or {}).values():
+        w = g.get("weights") if isinstance(g, dict) else None
+        if isinstance(w, dict) and w.get("strategy") == "group" and isinstance(w.get("group_size"), int):
+            return w["group_size"]
+    return None
+
+
+def _ok(rule: Rule, value: int, tp: int, config: dict | None = None) -> bool:
+    if rule.kind == "groups":
+        group = _group(config or {})
+        return group is None or value % tp != 0 or (value // tp) % group == 0
     if rule.kind == "kv":
         return value % tp == 0 if tp < value else tp % value == 0
     if rule.kind == "vocab":
@@ -70,9 +90,10 @@ def refusals(config: dict, tp: int) -> list[str]:
     out = []
     for rule in RULES:
         value = _value(config, rule)
-        if value is not None and not _ok(rule, value, tp):
-            how = f"{tp} must divide it" if rule.kind != "kv" else \
-                f"{tp} must divide it or be a multiple of it (KV heads are then replicated)"
+        if value is not None and not _ok(rule, value, tp, config):
+            how = f"{tp} must divide it or be a multiple of it (KV heads are then replicated)" if rule.kind == "kv" \
+                else f"{value} / {tp} must be a multiple of the group size {_group(config)}" \
+                if rule.kind == "groups" else f"{tp} must divide it"
             out.append(f"{rule.dimension} = {value}: {how} ({rule.where})")
     return out
 

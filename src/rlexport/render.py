@@ -60,6 +60,23 @@ def render_inspect(console: Console, report: dict) -> None:
         dtypes = ", ".join(f"{k} {n}" for k, n in info.get("dtypes", {}).items())
         label = f"{group} files" if info.get("count") is None else f"{group} tensors"
         head.add_row(label, f"{count}, {_mb(info['bytes'])}" + (f" ({dtypes})" if dtypes else ""))
+    moe = report.get("moe")
+    if moe:
+        head.add_row("experts", f"{moe['experts']} routed, top-{moe['top_k']}, expert size {moe['expert_size']}"
+                     f"; shared: {moe['shared_experts'] or 'none'}; layout found {moe['layout_found']}, "
+                     f"written {moe['layout_written']} (the base model's hub checkpoint layout)")
+    t = report.get("trainer") or {}
+    if t.get("steps"):
+        head.add_row("steps", ", ".join(s["tag"] + ("" if s["complete"] else f" (unfinished: {s['why']})")
+                                        for s in t["steps"]))
+    if t.get("trainer"):  # Megatron / NeMo-RL readers: trainer, layout saved with, padded vocabulary, optimizer
+        lay = t.get("parallel_layout") or {}
+        opt = t.get("optimizer_state")
+        head.add_row("trainer", t["trainer"] + (" saved with " + " x ".join(f"{k.upper()}={v}" for k, v in lay.items())
+                                                 if lay else "")
+                     + (f"; vocabulary padded to {t['padded_vocab_size']} rows, cut to {t['vocab_size']}"
+                        if (t.get("padded_vocab_size") or 0) > (t.get("vocab_size") or 1 << 62) else "")
+                     + (f"; optimizer state {_mb(opt['bytes'])} (never read)" if opt else ""))
     tp = report.get("tensor_parallel") or {}
     if tp.get("sizes"):
         refused = "; ".join(f"{k}: {v}" for k, v in tp.get("refused", {}).items())

@@ -1,7 +1,7 @@
 """`rlexport serve` as a user starts it (the venv's bin/rlexport, venv not activated), talked to over HTTP on
 127.0.0.1: plain serving answers /v1/completions with the training-time numbers; `--follow` on a verl run folder
 swaps a newly completed step into the same server process, ignores a step the tracker does not name yet, and
-survives a step with a truncated rank file. Two engine starts in all."""
+survives a step with a truncated rank file; a critic (pooling runner) follows too. Three engine starts in all."""
 from __future__ import annotations
 
 import json
@@ -110,7 +110,7 @@ def perturbed_step(run: Path, src_step: Path, n: int, *, seed: int, truncate: bo
     import torch.distributed.tensor  # noqa: F401 - DTensor for the weights-only unpickler
     dst = run / f"global_step_{n}"
     shutil.copytree(src_step, dst)
-    for f in sorted((dst / "actor").glob("model_world_size_*_rank_*.pt")):
+    for f in sorted(dst.glob("*/model_world_size_*_rank_*.pt")):
         sd = torch.load(f, weights_only=True)
         g = torch.Generator().manual_seed(seed)
         for t in sd.values():
@@ -119,9 +119,16 @@ def perturbed_step(run: Path, src_step: Path, n: int, *, seed: int, truncate: bo
                 local.add_(0.05 * torch.randn(local.shape, generator=g, dtype=local.dtype))
         torch.save(sd, f)
     if truncate:
-        f = dst / "actor" / "model_world_size_2_rank_1.pt"
+        f = next(dst.glob("*/model_world_size_2_rank_1.pt"))
         f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
     return dst
+
+
+def test_every_dev_mode_route_is_a_guarded_control_path():
+    from rlexport.engines.follow.guard import control_paths
+    paths = control_paths()
+    assert {"/pause", "/resume", "/collective_rpc", "/reset_prefix_cache", "/sleep", "/update_weights"} <= paths
+    assert not paths & {"/v1/completions", "/v1/models", "/health", "/pooling", "/rlexport/checkpoint"}
 
 
 def test_serve_answers_with_the_training_time_numbers_and_stops_everything(tmp_path):
@@ -189,12 +196,49 @@ def test_follow_swaps_complete_steps_in_place_and_ignores_incomplete_and_broken_
         (run / "latest_checkpointed_iteration.txt").write_text("8")
         line = wait_for(lambda: [x for x in log.read_text().splitlines() if "global_step_8: not served" in x],
                         30, proc, log, "step 8 refused")
-        assert len(line) == 1 and "model_world_size_2_rank_1.pt" in line[0], line
+        assert len(line) == 1 and str(run / "global_step_8" / "actor" / "model_world_size_2_rank_1.pt") in line[0]
         after = state(port)
         assert after["tag"] == "global_step_6" and after["server_pid"] == first["server_pid"]
         assert max_diff(numbers(port, model, prompts[:1])[0], lp6[:1]) < 1e-6
 
         code, orphans = stop(proc, signal.SIGINT)
+        assert code == 0 and not orphans, (code, orphans)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def values(port: int, model: str, prompts) -> list[list[float]]:
+    out = []
+    for p in prompts:
+        status, body = http(port, "/pooling", {"model": model, "input": p, "task": "token_classify"})
+        assert status == 200, body
+        out.append([float(v) for v in torch.tensor(body["data"][0]["data"]).reshape(-1).tolist()])
+    return out
+
+
+def test_follow_a_critic_through_the_pooling_runner(tmp_path):
+    case = "verl_fsdp2_critic_qwen2"
+    exp, port, log = expected(case), free_port(), tmp_path / "critic.log"
+    run = tmp_path / "run"
+    shutil.copytree(FIXTURES / case / "ckpt", run)
+    step6 = perturbed_step(tmp_path / "staged", run / "global_step_4", 6, seed=3)
+    ref = reference(open_checkpoint(step6 / "critic"), "value", exp["prompts"], weights=False).numbers.scores
+    proc = start([str(run), "--follow", "--target", "value", "--poll", "0.5", "--port", str(port), *ENGINE_ARGS],
+                 log)
+    try:
+        first = wait_for(lambda: state(port).get("tag") == "global_step_4" and state(port), 900, proc, log,
+                         "global_step_4 served")
+        v4 = values(port, str(run), exp["prompts"])
+        assert max_diff(v4, exp["value"]) < TOL
+        step6.rename(run / step6.name)
+        (run / "latest_checkpointed_iteration.txt").write_text("6")
+        now = wait_for(lambda: state(port).get("tag") == "global_step_6" and state(port), 30, proc, log,
+                       "global_step_6 served")
+        assert now["server_pid"] == first["server_pid"] and now["restarts"] == 0
+        v6 = values(port, str(run), exp["prompts"])
+        assert max_diff(v6, ref) < TOL and max_diff(v6, v4) > 10 * TOL
+        code, orphans = stop(proc)
         assert code == 0 and not orphans, (code, orphans)
     finally:
         if proc.poll() is None:

@@ -14,7 +14,10 @@ from rlexport.engines.vllm import run_jobs
 
 pytestmark = pytest.mark.vllm
 LOGPROB_TOL = 2e-3  # float32 engine vs float32 training stack (seen: ~3e-6; trained vs base differ by > 2)
-CASES = {"verl_fsdp2_vlm_actor_qwen25vl": dict(ckpt="ckpt")}
+QUANT_TOL = 0.5     # int8 (W8A8) language model, bfloat16 vision tower, vs float32 training (seen: 0.14; base: 8)
+QUANT = "verl_fsdp2_vlm_actor_qwen25vl"
+# verl FSDP2 actor (full weights, in-memory names); LLaMA-Factory 0.9.3 LoRA DPO (adapter names in memory, base hub)
+CASES = {"verl_fsdp2_vlm_actor_qwen25vl": dict(ckpt="ckpt"), "lf_dpo_lora_qwen25vl": dict(ckpt="ckpt")}
 
 
 def _chat(case: str, messages: list[dict]) -> list[dict]:
@@ -39,6 +42,9 @@ def results(tmp_path_factory):
                       "images": [None] * len(exp["prompts"]) + [str(FIXTURES / case / p["image"]) for p in image],
                       "chats": [_chat(case, p["messages"]) for p in image],
                       "llm_args": {"limit_mm_per_prompt": {"image": 1, "video": 0}}}
+    # --quantize int8: the language model's Linears quantized, the vision tower and merger left as trained
+    out = rlexport.export(FIXTURES / QUANT / "ckpt", tmp / "quantized", dtype="bfloat16", quantize="int8").out
+    jobs["quantized"] = {**jobs[QUANT], "model": str(out), "dtype": "bfloat16", "chats": []}
     return {case: (res, Path(jobs[case]["model"])) for case, res in zip(jobs, run_jobs(list(jobs.values())))}
 
 
@@ -83,3 +89,12 @@ def test_chats_with_the_exported_template_have_the_training_numbers(results, cas
         diffs = _image_diffs(r["chat_prompt_ids"][i], r["chat_logprobs"][i], prompt)
         assert max(diffs) < LOGPROB_TOL, (prompt["image"], max(diffs))
         assert r["chat_greedy"][i] == r["greedy"][n + i]  # the chat and its token-id form continue alike
+
+
+def test_quantized_export_serves_images_through_the_unquantized_tower(results):
+    (r, out), exp = results["quantized"], expected(QUANT)
+    assert r["ok"], r.get("error")
+    n = len(exp["prompts"])
+    for i, prompt in enumerate(exp["image"]["prompts"]):
+        diffs = _image_diffs(r["prompt_ids"][n + i], r["logprobs"][n + i], prompt)
+        assert max(diffs) < QUANT_TOL, (prompt["image"], max(diffs))

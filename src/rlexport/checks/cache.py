@@ -8,8 +8,8 @@ export pays for transformers (in the child, in parallel with the copy). The cach
 per key, in $RLEXPORT_CACHE_DIR, else $XDG_CACHE_HOME/rlexport/facts, else ~/.cache/rlexport/facts; a cache that
 cannot be written is skipped, never an error.
 
-When transformers is already imported (verify, a library caller, the tests) the facts are computed in-process:
-nothing is saved by a child then. When the child fails for any other reason than the folder itself, the facts are
+When transformers is already imported (verify, a library caller, the tests), or the caller asks (a small export,
+whose copy is too short to hide a second interpreter's imports: selfcheck.py), the facts are computed in-process. When the child fails for any other reason than the folder itself, the facts are
 computed in-process too: a slower export, never an unchecked one.
 """
 from __future__ import annotations
@@ -83,7 +83,7 @@ class Pending:
 
     Use as a context manager: leaving it (an export that failed) stops a child still running."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, *, child: bool = True):
         self.path = Path(path)
         self.version = transformers_version()
         self.facts: Facts | None = None
@@ -92,7 +92,7 @@ class Pending:
             return  # no transformers: the checks that need it are skipped, as verify's would be
         self.key = key(self.path, self.version)
         self.facts = load(self.key)
-        if self.facts is None and "transformers" not in sys.modules:
+        if self.facts is None and child and "transformers" not in sys.modules:
             self._out = Path(tempfile.mkdtemp(prefix="rlexport-facts-")) / "facts.json"
             # the child gets one thread: it builds a meta model, and the export's own threads need the cores
             env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}

@@ -21,12 +21,16 @@ from ..errors import RlexportError
 from ..tensors import TensorRef
 from .cache import Pending
 from .facts import TOKENIZER_FILES
+from .processor import check_processor
 from .report import Check
 from .structure import Folder, check_architecture, check_config_fits, check_dtype, check_files, check_names, \
     check_shapes
 from .tokens import check_eos, check_generation_config, check_tokenizer
 
 WITH_FACTS = (check_architecture, check_names, check_shapes, check_dtype)
+# Below this many bytes to write, a first export computes the facts in-process: a child's imports (torch and
+# transformers again, 3-5 s of CPU) would outlast the copy, and the process stays under 0.5 GiB with them.
+CHILD_MIN_BYTES = 512 * 2**20
 TOKENIZER_CHECKS = (check_tokenizer, check_generation_config, check_eos)
 
 
@@ -38,17 +42,20 @@ class SelfCheck:
         self.path, self.checkpoint = Path(path), checkpoint
         self.pending: Pending | None = None
 
-    def _facts(self) -> Pending:
-        if self.pending is None:
-            self.pending = Pending(self.path)  # reads the small files now: they are written before the weights
+    def _facts(self, nbytes: int = 0) -> Pending:
+        if self.pending is None:  # reads the small files now: they are written before the weights
+            self.pending = Pending(self.path, child=nbytes >= CHILD_MIN_BYTES)
         return self.pending
 
     def plan(self, refs: list[TensorRef]) -> list[Check]:
         """The plan's tensors against config.json; against the architecture too when its facts are known now."""
-        f = Folder(self.path, headers_only=True, facts_from=lambda f: self._facts().ready())
+        pending = self._facts(sum(r.nbytes for r in refs))
+        if pending.child is None:
+            pending.result()  # cached, or computed here (a small export): the plan is checked in full
+        f = Folder(self.path, headers_only=True, facts_from=lambda f: pending.ready())
         f.config = json.loads((f.path / "config.json").read_text())
         f.refs = {r.name: r for r in refs}
-        return self._run(f, [], deep=self._facts().ready() is not None)
+        return self._run(f, [], deep=pending.ready() is not None)
 
     def written(self) -> list[Check]:
         """What was written, from the headers, against every fact (waiting for them if still being computed)."""
@@ -58,6 +65,8 @@ class SelfCheck:
     def _run(self, f: Folder, checks: list[Check], *, deep: bool) -> list[Check]:
         if not any(c.status == "fail" for c in checks):
             checks.append(check_config_fits(f))
+        if not any(c.status == "fail" for c in checks):
+            checks.append(check_processor(f))  # a vision-language model's processor files, chat template, tower
         if deep and self._facts().available:
             # an export without a tokenizer is allowed (inspect warns: missing-tokenizer); one with a tokenizer
             # must fit
@@ -92,5 +101,5 @@ def self_check(path: Path, refs: list[TensorRef] | None = None, *, checkpoint=No
     with SelfCheck(path, checkpoint=checkpoint) as check:
         if refs is None:
             return check.written()
-        check._facts().result()  # wait: a plan checked on its own is checked in full
+        check._facts(sum(r.nbytes for r in refs)).result()  # wait: a plan checked on its own is checked in full
         return check.plan(refs)

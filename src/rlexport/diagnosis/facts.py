@@ -129,6 +129,22 @@ def optimizer_files(src: Source) -> list[Path]:
     return out
 
 
+def trainer_facts(src: Source) -> dict | None:
+    """The input format's own facts (Megatron, NeMo-RL: trainer, parallel layout saved with, padded vs real
+    vocabulary, optimizer state and that it is skipped): its reader's `inspect_facts(src)` hook, where it has one;
+    for a run folder also its steps, complete or not (the `steps` hook)."""
+    import importlib
+    from ..formats import FORMATS
+    fmt = next((f for f in FORMATS if f.kind == src.kind), None)
+    hook = getattr(importlib.import_module(fmt.module), "inspect_facts", None) if fmt else None
+    out = hook(src) if hook else None
+    from ..formats import steps_of
+    found = steps_of(src.path)  # a run folder: its steps, and which the trainer finished saving
+    if found:
+        out = {**(out or {}), "steps": [{"tag": s.tag, "complete": s.complete, "why": s.why} for s in found]}
+    return out
+
+
 def gather(src: Source, *, scan: bool | str = "auto") -> Facts:
     facts = Facts(tokenizer_size=tokenizer_size(src.tokenizer_dirs[0] if src.tokenizer_dirs else None),
                   embedding_rows=embedding_rows(src))

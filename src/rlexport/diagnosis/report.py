@@ -10,7 +10,7 @@ from ..findings import Finding
 from ..formats import Source
 from ..tensors import dtype_name
 from .checks import CHECKS
-from .facts import PARTIAL, SCHEMA, arch_of, export_cmd, Facts, gather, names_of, optimizer_files
+from .facts import PARTIAL, SCHEMA, arch_of, export_cmd, Facts, gather, names_of, optimizer_files, trainer_facts
 
 
 def _group(refs, files=()) -> dict:
@@ -63,7 +63,31 @@ def summary(src: Source, facts: Facts | None = None) -> dict:
         "scanned": bool(facts and facts.scanned),
         "tensor_parallel": tensor_parallel(src.config, facts.embedding_rows if facts else None),
         "quantize": quantize_preview(src),
+        "moe": moe_facts(src),
+        "trainer": trainer_facts(src),
     }
+
+
+def _hub_refs(src) -> list:
+    """The weights as an export writes them (MoE experts one by one), without the layers --quantize keeps (MoE
+    routers); the stored weights when they cannot be laid out (the export then says why)."""
+    from .. import moe
+    from ..errors import RlexportError
+    from ..hub_layout import to_hub_layout
+    from ..transforms import clean_name
+    try:
+        refs = to_hub_layout([r.renamed(clean_name(r.name)) for r in src.weights], src.config)
+    except RlexportError:
+        return list(src.weights)
+    keep = moe.never_quantized(src.config)
+    return [r for r in refs if not (keep and r.name.endswith(keep))]
+
+
+def moe_facts(src) -> dict | None:
+    """A mixture-of-experts model: experts, top-k, shared experts, the layout found and the one an export writes."""
+    from .. import moe
+    from ..transforms import clean_name
+    return moe.facts([clean_name(r.name) for r in src.weights], src.config)
 
 
 def quantize_preview(src) -> dict:
@@ -71,7 +95,7 @@ def quantize_preview(src) -> dict:
     from ..quant.plan import fits, quantizable
     import torch
     from ..quant.schemes import SCHEMES, dtype_note
-    linears = [r for r in src.weights if quantizable(r)]
+    linears = [r for r in _hub_refs(src) if quantizable(r)]
     out = {name: {"quantized": sum(fits(r, s) for r in linears),
                   "left_unquantized": [r.name for r in linears if not fits(r, s)][:5],
                   "left_count": sum(not fits(r, s) for r in linears)} for name, s in SCHEMES.items()}

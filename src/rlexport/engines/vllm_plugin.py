@@ -47,7 +47,24 @@ def register() -> None:
             pass  # nothing to download: the checkpoint is local
 
         def get_all_weights(self, model_config, model):
-            yield from stream(self.options, dtype=model_config.dtype)
+            live = _live_head_bias(model)
+            for name, tensor in stream(self.options, dtype=model_config.dtype):
+                if live is not None and name == "score.bias":
+                    live.data.copy_(tensor.to(live.dtype))
+                    continue
+                yield name, tensor
+
+
+def _live_head_bias(model):
+    """An in-place reload (`rlexport serve --follow`) of a value model: vLLM's classification adapter attaches
+    `score.bias` at the first load, re-creating it on the weight's device, which during a reload is `meta` (the
+    layer is rebuilt there until its weights arrive): the reload then fails with "Cannot copy out of meta
+    tensor". The bias itself stays live through the reload (vLLM never moves a `bias` to meta), so the new value
+    is copied into it and the name not handed to vLLM (its "not loaded: score.bias" warning is expected).
+    None at the first load (the layer is built without a bias) and for every other model."""
+    import torch
+    bias = getattr(getattr(model, "score", None), "bias", None)
+    return bias if isinstance(bias, torch.nn.Parameter) and not bias.is_meta else None
 
 
 def stream(options: dict, *, dtype):
@@ -76,7 +93,7 @@ def read_ahead(refs, budget: int):
     def produce():
         try:
             for ref in refs:
-                size = ref.numel * ref.dtype.itemsize
+                size = ref.nbytes
                 with cond:
                     cond.wait_for(lambda: state["stop"] or state["held"] == 0 or state["held"] + size <= budget)
                     if state["stop"]:

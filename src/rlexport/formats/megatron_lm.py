@@ -27,9 +27,11 @@ HINT = "copy the whole iter_NNNNNNN/ folder (.metadata and every __R_K.distcp) a
 
 
 def is_iter(path: Path) -> bool:
+    """An iteration folder, finished (.metadata) or not (common.pt is written first)."""
+    if not (ITER_RE.match(path.name) or path.name == "release"):
+        return False
     try:
-        return bool(ITER_RE.match(path.name) or path.name == "release") and (path / ".metadata").is_file() \
-            or (ITER_RE.match(path.name) is not None and (path / "common.pt").is_file())
+        return (path / ".metadata").is_file() or (path / "common.pt").is_file()
     except OSError:
         return False
 

@@ -6,7 +6,8 @@ into `tmp_step_N/` and renames it to `step_N/` when every rank is done: only `st
 `policy/weights/` is, by worker:
 - DTensor (v1, `native_checkpoint.save_checkpoint`): a torch DCP of `{"model": ModelState}`, keys `model.` + the
   Hugging Face name, fp32 (dcp.py);
-- DTensor v2 / automodel: `weights/model/` with safetensors shards of the Hugging Face names;
+- DTensor v2 / automodel: `weights/model/` with safetensors shards of the Hugging Face names (`consolidated/`
+  when save_consolidated), or a DCP of them (model_save_format torch_save);
 - Megatron: a Megatron-LM save root (`iter_NNNNNNN/` torch_dist, Megatron names; megatron_lm.py).
 No config.json is saved: `config.yaml`'s `policy.model_name` is the base when it resolves locally, else `--base`.
 """
@@ -123,22 +124,32 @@ def read(path: Path, *, base=None) -> Source:
         return megatron_lm.megatron_source(megatron_lm.locate(wdir), path=path, base=None, kind="nemo-rl",
                                            producer="nemo-rl", tokenizer_dirs=tok, base_dir=base_dir)
     config = read_json(base_dir / "config.json")
-    if (wdir / ".metadata").is_file():
-        index = open_index(wdir, hint=HINT)
-        refs = [ref(st, k[len(PREFIX):], hint=HINT, file=wdir / ".metadata")
-                for k, st in index.tensors.items() if k.startswith(PREFIX)]
-        if not refs:
-            raise RlexportError("missing-weights", f"no '{PREFIX}' tensors in the policy's DCP checkpoint",
-                                file=wdir / ".metadata", hint=HINT)
-    elif files := weight_files(wdir / "model"):
-        refs = refs_of(files)
+    dcp_dir = next((d for d in (wdir, wdir / "model") if (d / ".metadata").is_file()), None)
+    if dcp_dir is not None:  # DTensor v1: weights/; automodel's torch_save format: weights/model/
+        index = open_index(dcp_dir, hint=HINT)
+        refs = [ref(st, k, hint=HINT, file=dcp_dir / ".metadata") for k, st in index.tensors.items()]
+    elif files := weight_files(wdir / "model" / "consolidated") or weight_files(wdir / "model"):
+        refs = refs_of(files)  # automodel safetensors: the consolidated HF shards when saved, else the model's
     else:
         raise RlexportError("missing-weights", "policy/weights/ holds neither a DCP checkpoint (.metadata), "
                             "safetensors under model/, nor a Megatron iter_NNNNNNN/", file=wdir, hint=HINT)
+    refs = _unwrapped(refs)
+    if not refs:
+        raise RlexportError("missing-weights", "the policy's checkpoint holds no tensors", file=wdir, hint=HINT)
     tok = tok + ((base_dir,) if has_tokenizer(base_dir) else ())
     return Source(kind="nemo-rl", path=path, producer="nemo-rl", stage=None, config=config, config_dir=base_dir,
                   weights=tuple(sorted(refs, key=lambda r: r.name)), tokenizer_dirs=tok, base_dir=base_dir,
                   base_config=config)
+
+
+def _unwrapped(refs: list) -> list:
+    """HF names: `dcp.save({"model": ModelState(model)})` puts one `model.` before each (`model.model.layers...`,
+    `model.lm_head.weight`); strip it only where it is there, so plain HF names pass unchanged."""
+    names = [r.name for r in refs]
+    if names and all(n.startswith(PREFIX) for n in names) and \
+            any(n.startswith((PREFIX + "model.", PREFIX + "lm_head.")) for n in names):
+        return [r.renamed(r.name[len(PREFIX):]) for r in refs]
+    return refs
 
 
 def inspect_facts(src: Source) -> dict:

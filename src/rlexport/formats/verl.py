@@ -240,6 +240,8 @@ def steps(path: Path) -> list | None:
     for p in found:
         n = int(STEP_RE.match(p.name).group(1))
         done = last is not None and n <= last
-        why = "" if done else (f"{ITER_FILE} names step {last}" if last is not None else f"no {ITER_FILE} yet")
+        why = "" if done else (f"{ITER_FILE} names step {last}" if last is not None else
+                               f"{ITER_FILE} is being written" if (path / ITER_FILE).exists() else
+                               f"no {ITER_FILE} yet")
         out.append(Step(p.name, p, done, why))
     return out

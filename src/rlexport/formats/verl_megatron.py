@@ -22,7 +22,7 @@ from .access import read_json
 from .common import has_tokenizer, resolve_base
 from .dcp import open_index, ref
 from .megatron_names import hf_refs, layout, optimizer_state, vocab_facts
-from .verl import ITER_FILE, ROLES, STEP_RE
+from .verl import ROLES, STEP_RE
 
 HINT = "copy the whole global_step_N/ folder of the run again from the training machine"
 MANIFEST = "ckpt_contents.json"
@@ -164,5 +164,6 @@ def inspect_facts(src: Source) -> dict:
     """What `inspect` shows beyond the Source: trainer, parallel layout, padded vs real vocabulary, optimizer state."""
     role = locate(Path(src.path))
     index = open_index(dist_dir(role), hint=HINT)
+    opt = optimizer_state(index, role / "optimizer" / "dist_ckpt")
     return {"trainer": "verl (Megatron backend)", "role": role.name, "parallel_layout": layout(index),
-            **vocab_facts(index, src.config), "optimizer_state": optimizer_state(index, role / "optimizer" / "dist_ckpt")}
+            **vocab_facts(index, src.config), "optimizer_state": opt}

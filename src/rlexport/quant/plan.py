@@ -19,7 +19,7 @@ import threading
 
 import torch
 
-from .. import archs
+from .. import archs, moe
 from ..errors import RlexportError
 from ..stream import Rows, Scratch, StreamLoader, n_rows
 from ..tensors import FLOATS, TensorRef
@@ -155,7 +155,12 @@ def quantize_refs(refs: list[TensorRef], scheme: Scheme, config: dict) -> tuple[
     # them; their Linears are listed in ignore, or vLLM would build quantized layers for them (archs.Vision.tower)
     vision = archs.vision_of(config)
     tower = vision.tower if vision else ()
+    routers = moe.never_quantized(config)  # MoE routers and shared-expert gates stay as trained, listed in ignore
     for ref in refs:
+        if routers and ref.name.endswith(routers) and len(ref.shape) == 2:
+            ignore.append(ref.name[: -len(".weight")])
+            out.append(ref)
+            continue
         if tower and ref.name.startswith(tower):
             if ref.name.endswith(".weight") and len(ref.shape) == 2 and ref.dtype in FLOATS:
                 ignore.append(ref.name[: -len(".weight")])
@@ -191,6 +196,9 @@ def quantize_refs(refs: list[TensorRef], scheme: Scheme, config: dict) -> tuple[
     notes += [n for n in (dtype_note(scheme, d) for d in sorted(dtypes, key=str)) if n]
     if tower:
         notes.append(f"the vision tower and its projector ({', '.join(tower)}) stay unquantized (listed in ignore)")
+    if routers and any(i.endswith(tuple(r[: -len(".weight")] for r in routers)) for i in ignore):
+        notes.append("the MoE routers (and shared-expert gates) stay unquantized (listed in ignore); experts are "
+                     "quantized one by one")
     if "score" in ignore:
         notes.append("the value head `score` stays float32, not quantized (listed in ignore)")
     return out, config, notes

@@ -75,9 +75,9 @@ def dtype_note(scheme: Scheme, dtype: torch.dtype) -> str | None:
     kernels on GPUs and AMX CPUs quantize 16-bit activations only (measured on an AMX machine: `RuntimeError:
     int8_scaled_mm_with_quant: expect A to be bfloat16 or half`); vLLM serves the folder in its config's dtype."""
     if scheme.kind == "int" and scheme.activations is not None and dtype == torch.float32:
-        return (f"--quantize {scheme.name} with --dtype float32: vLLM's int8 kernels on GPUs and AMX CPUs need "
-                "16-bit activations (int8_scaled_mm_with_quant: expect A to be bfloat16 or half), so most vLLM "
-                "builds cannot serve this folder; export with --dtype bfloat16")
+        return (f"--quantize {scheme.name} with --dtype float32 writes a folder most vLLM builds cannot serve: "
+                "vLLM's int8 kernels on GPUs and AMX CPUs need 16-bit activations (int8_scaled_mm_with_quant: "
+                "expect A to be bfloat16 or half); export with --dtype bfloat16")
     return None
 
 
@@ -101,8 +101,7 @@ def _grouped(w: torch.Tensor, scheme: Scheme) -> torch.Tensor:
 def scales(w: torch.Tensor, scheme: Scheme) -> torch.Tensor:
     """Scales of a [rows, in] block in w's dtype: [rows, 1] (channel) or [rows, in / group_size] (group)."""
     x = _grouped(w, scheme)
-    mn = torch.amin(x, dim=-1)
-    mx = torch.amax(x, dim=-1)
+    mn, mx = torch.aminmax(x, dim=-1)  # one pass over the weight (exact, as amin and amax)
     mn = torch.min(mn, torch.zeros_like(mn))
     mx = torch.max(mx, torch.zeros_like(mx))
     q_min, q_max = (torch.tensor(v) for v in scheme.q_range)
@@ -117,14 +116,15 @@ def codes(w: torch.Tensor, scale: torch.Tensor, scheme: Scheme) -> torch.Tensor:
     """Quantized codes of a [rows, in] block: int8 (int8 and int4 codes) or float8_e4m3fn, shape [rows, in]."""
     x = _grouped(w, scheme)
     s = scale.unsqueeze(-1)
-    scaled = x / s
-    scaled += torch.zeros(s.shape, dtype=torch.int8).to(x.dtype)  # the symmetric zero point, as compressed-tensors
+    scaled = x / s  # in the weight's dtype, as compressed-tensors; the steps below work in place (one buffer)
     q_min, q_max = (torch.tensor(v) for v in scheme.q_range)
-    clamped = torch.clamp(scaled, q_min, q_max)
     if scheme.kind == "float":
-        q = clamped.to(torch.float8_e4m3fn).to(x.dtype).to(torch.float8_e4m3fn)
+        # the symmetric zero point, added as compressed-tensors does: it turns -0.0 into +0.0, which float8 keeps
+        scaled += torch.zeros(s.shape, dtype=torch.int8).to(x.dtype)
+        q = scaled.clamp_(q_min, q_max).to(torch.float8_e4m3fn).to(x.dtype).to(torch.float8_e4m3fn)
     else:
-        q = torch.round(clamped).to(torch.int8)
+        # (no zero point added: -0.0 and +0.0 both round to the integer code 0)
+        q = scaled.clamp_(q_min, q_max).round_().to(torch.int8)
     return q.flatten(start_dim=-2)
 
 
@@ -133,11 +133,13 @@ def pack_int4(q: torch.Tensor) -> torch.Tensor:
     rows, cols = q.shape
     if cols % 8:
         raise AssertionError("int4 packing needs a multiple of 8 columns")
-    v = (q.to(torch.int64) + 8).view(rows, cols // 8, 8)
-    shifts = torch.arange(8, dtype=torch.int64) * 4
-    packed = (v << shifts).sum(dim=2)  # [0, 2**32)
-    packed = torch.where(packed >= 2 ** 31, packed - 2 ** 32, packed)
-    return packed.to(torch.int32)
+    v = (q.to(torch.int32) + 8).view(rows, cols // 8, 8)
+    # the eight 4-bit fields do not overlap, so OR-ing them in int32 gives the two's-complement word directly (the
+    # last field's shift into the sign bit wraps exactly as the int64 sum minus 2**32 would)
+    packed = v[..., 0].clone()
+    for i in range(1, 8):
+        packed |= v[..., i] << (4 * i)
+    return packed
 
 
 def quantize(w: torch.Tensor, scheme: Scheme) -> dict[str, torch.Tensor]:

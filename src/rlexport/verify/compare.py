@@ -128,7 +128,7 @@ def compare_weights(ref_state: dict[str, torch.Tensor] | None, refs: dict[str, T
         compared += 1
         got = ref.load()
         if tuple(got.shape) != tuple(want.shape):
-            bad.append((name, got.numel(), math.inf))
+            bad.append((name, got.numel(), math.inf, None))
             continue
         over, dmax = _beyond(got, want)
         if over:

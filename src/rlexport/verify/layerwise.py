@@ -12,6 +12,7 @@ layer by layer: `first_divergence` names the first layer where the export leaves
 """
 from __future__ import annotations
 
+import re
 import types
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from typing import Callable
 
 import torch
 
+from .. import moe
 from ..formats import Source
 from ..stream import Scratch, StreamLoader
 from ..tensors import TensorRef
@@ -196,7 +198,8 @@ def recording(run: Run, *, first_call_only: bool = True):
 def reference_run(src: Source) -> Run:
     """The training-time model: the trainer's full weights, or base + adapter through PEFT (unmerged)."""
     model = _skeleton(src.config_dir)
-    base = {clean_name(r.name): r for r in src.weights}
+    # MoE: per-expert checkpoints stacked into transformers' fused expert parameters (moe.to_memory_layout)
+    base = moe.to_memory_layout({clean_name(r.name): r for r in src.weights}, src.config)
     if "lm_head.weight" not in base and "model.embed_tokens.weight" in base:  # tied: one stored table
         base["lm_head.weight"] = base["model.embed_tokens.weight"]
     if src.adapter is None:
@@ -211,7 +214,8 @@ def reference_run(src: Source) -> Run:
 
 def plain_name(name: str) -> str:
     """A parameter of the PEFT model as the base model names it."""
-    return name.removeprefix("base_model.model.").replace(".base_layer.", ".").replace(".original_module.", ".")
+    # nested ParamWrappers (LoRA on several MoE expert parameters): experts.base_layer.base_layer.gate_up_proj
+    return re.sub(r"(?:\.base_layer)+\.", ".", name.removeprefix("base_model.model.")).replace(".original_module.", ".")
 
 
 def _peft(model, src: Source, base: dict[str, TensorRef]):
@@ -223,7 +227,7 @@ def _peft(model, src: Source, base: dict[str, TensorRef]):
         from safetensors.torch import load_file
         state = load_file(path / "adapter_model.safetensors")
     else:  # saved whole by its trainer (verl): the factors are the adapter's updates
-        state = {f"base_model.model.{u.module}.lora_{role}.weight": ref.load()
+        state = {f"base_model.model.{u.module}{'.base_layer' * u.depth}.lora_{role}.weight": ref.load()
                  for u in src.adapter.updates for role, ref in (("A", u.a), ("B", u.b))}
     # PEFT puts the adapter's parameters on the base layer's device (here: meta). Give every parameter that is
     # not a base weight (the LoRA factors, DoRA magnitudes, modules_to_save copies) CPU storage, then let PEFT
@@ -244,7 +248,7 @@ def export_run(folder_path, refs: dict[str, TensorRef]) -> Run:
     """The export as vLLM computes it: its own tensors, upcast to float32. A tensor the export lacks (the
     structure checks report it) computes as zeros, as transformers initialises a missing bias."""
     model = _skeleton(folder_path)
-    loaders = dict(refs)
+    loaders = moe.to_memory_layout(dict(refs), model.config.to_dict())
     if "lm_head.weight" not in loaders and "model.embed_tokens.weight" in loaders:
         loaders["lm_head.weight"] = loaders["model.embed_tokens.weight"]
     for name, p in model.named_parameters():

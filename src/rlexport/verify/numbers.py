@@ -17,10 +17,12 @@ from pathlib import Path
 
 import torch
 
+from .. import archs, moe
 from ..formats import Source
 from ..formats.value_heads import is_head_tensor
 from ..tensors import TensorRef
 from ..transforms import clean_name
+from .images import image_inputs, image_logprobs, model_class
 
 N = "numbers"
 TEXTS = ("The capital of France is", "def add(a, b):\n    return a +", "Once upon a time, there was a little",
@@ -136,12 +138,14 @@ def _backbone(causal_lm):
 
 def _load_full(src: Source, target: str = "policy"):
     """The trainer's full weights in the transformers class, float32, loaded strictly."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
     config = AutoConfig.from_pretrained(src.config_dir)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model = model_class(src.config).from_config(config, dtype=torch.float32)
     state = {}
-    for r in src.weights:  # the head is not among them (Source.value_head)
-        name = clean_name(r.name)
+    # a MoE checkpoint stored per expert (hub layout): stacked into transformers 5's fused expert parameters
+    weights = moe.to_memory_layout({clean_name(r.name): r for r in src.weights}, src.config)
+    for n, r in weights.items():  # the head is not among them (Source.value_head)
+        name = archs.to_memory(src.config, n)  # a vision-language model's hub names too
         if not is_head_tensor(name):
             state[name] = r.load().to(torch.float32)
     result = model.load_state_dict(state, strict=False)
@@ -158,10 +162,9 @@ def _load_full(src: Source, target: str = "policy"):
 def _load_peft(src: Source):
     """Base + adapter through PEFT, unmerged: the model as it ran in training."""
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM
     if src.base_dir is None:
         return _load_peft_saved_whole(src)
-    base = AutoModelForCausalLM.from_pretrained(src.base_dir, dtype=torch.float32)
+    base = model_class(src.config).from_pretrained(src.base_dir, dtype=torch.float32)
     rows = next((r.shape[0] for n, r in src.adapter.full.items() if n.endswith("embed_tokens.weight")), None)
     if rows is not None and rows != base.get_input_embeddings().weight.shape[0]:
         base.resize_token_embeddings(rows)
@@ -177,7 +180,8 @@ def _load_peft_saved_whole(src: Source):
     with torch.no_grad():
         for u in src.adapter.updates:
             for role, ref in (("A", u.a), ("B", u.b)):
-                params[f"base_model.model.{u.module}.lora_{role}.default.weight"].copy_(ref.load().float())
+                nest = ".base_layer" * u.depth  # several MoE expert parameters: nested ParamWrappers
+                params[f"base_model.model.{u.module}{nest}.lora_{role}.default.weight"].copy_(ref.load().float())
     return model.eval()
 
 
@@ -220,6 +224,8 @@ def _build(src: Source, target: str, prompts, max_new_tokens: int, weights: bool
         model, how = _load_full(src, target), f"the trainer's full weights {src.path}"
     if target == "policy":
         num = policy_numbers(model, prompts, max_new_tokens)
+        # vision-language: one more row, a chat with a picture (the training processor, from the checkpoint)
+        num.logprobs += image_logprobs(model, image_inputs(_processor_dir(src), src.config))
     else:
         if not src.value_head:
             raise ValueError("the checkpoint has no value head to compare the exported head with")
@@ -232,7 +238,9 @@ def _build(src: Source, target: str, prompts, max_new_tokens: int, weights: bool
     state = None
     if weights:
         merged = model.merge_and_unload() if src.adapter is not None else model
-        state = {k: v.detach() for k, v in merged.state_dict().items()}  # no copy: the model goes
+        # by export name (a vision-language model's hub layout); no copy: the model goes
+        state = {archs.to_hub(src.config, k): v.detach() for k, v in merged.state_dict().items()}
+        state = moe.split_state(state, src.config)  # MoE experts one by one, as the export writes them
         if target == "value":
             state = {k: v for k, v in state.items() if not k.startswith("lm_head")}
     del model
@@ -267,8 +275,18 @@ def export_numbers(folder: Path, target: str, prompts, refs: dict[str, TensorRef
     """The export loaded the way a user loads it (from_pretrained), upcast to float32; plus loading problems."""
     if target == "value":
         return head_scores(folder, prompts, refs)
-    from transformers import AutoModelForCausalLM
+    import json
+    config = json.loads((Path(folder) / "config.json").read_text())
     with quiet():
-        model, info = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, output_loading_info=True)
+        model, info = model_class(config).from_pretrained(folder, dtype=torch.float32, output_loading_info=True)
     model.eval()
-    return policy_numbers(model, prompts, max_new_tokens), _loading_problems(info)
+    num = policy_numbers(model, prompts, max_new_tokens)
+    num.logprobs += image_logprobs(model, image_inputs(Path(folder), config))  # the export's own processor
+    return num, _loading_problems(info)
+
+
+def _processor_dir(src: Source) -> Path | None:
+    if archs.vision_of(src.config) is None:
+        return None
+    from ..folder import processor_dir
+    return processor_dir(src)

@@ -10,6 +10,7 @@ from typing import Callable
 
 from ..checks.facts import PROBE, turn_end_id  # noqa: F401  (re-exported: verify's callers name them here)
 from ..checks.tokens import SAMPLING_KEYS, check_eos, check_generation_config, check_tokenizer  # noqa: F401
+from ..checks.processor import check_processor
 from ..formats import Source
 from .report import Check, failed, passed, skipped
 from .structure import S, Folder, _first_line
@@ -40,5 +41,5 @@ def check_chat_template(f: Folder, source: Source | None) -> Check:
 
 
 CHECKS: tuple[Callable[[Folder, Source | None], Check], ...] = (
-    check_tokenizer, check_generation_config, check_eos, check_chat_template,
+    check_tokenizer, check_generation_config, check_eos, check_chat_template, check_processor,
 )

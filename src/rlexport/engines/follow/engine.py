@@ -111,9 +111,9 @@ class Engine:
             raise EngineError(f"POST {path}: {e}") from None
         return json.loads(text) if text.strip() else None
 
-    def swap(self, loader_options: dict, *, reload_timeout: float = 3600.0) -> None:
-        """Load the checkpoint `loader_options` names into the running engine. EngineError: the engine may hold
-        a half-loaded model and must be restarted."""
+    def swap(self, loader_options: dict, *, reload_timeout: float = 3600.0) -> int:
+        """Load the checkpoint `loader_options` names into the running engine; the number of workers that
+        reloaded. EngineError: the engine may hold a half-loaded model and must be restarted."""
         self._post("/pause?mode=wait", timeout=reload_timeout)
         self._post("/collective_rpc", {"method": "update_config",
                                        "args": [{"load_config": {"model_loader_extra_config": loader_options}}]})
@@ -128,6 +128,7 @@ class Engine:
             time.sleep(0.1)
         else:
             raise EngineError("the prefix cache could not be reset")
+        return len(results) if results is not None else 0
 
     def resume(self) -> None:
         self._post("/resume")
