@@ -29,6 +29,8 @@ numel takes (the file is seeked past them), so the checkpoint has its real file 
 disk space; neither rlexport nor slime's converter reads them. Buckets are not padded. `common.pt` holds a plain
 argparse.Namespace: the fixture's plain-valued args (Megatron-class values dropped) with the geometry's numbers.
 Weights: N(0, 0.02) in bf16, each chunk from its own generator seeded with (seed, its index).
+`--zero-weights` (the 7B run on a disk too small for a 15 GB input and a 15 GB output): every weight is 0 and its
+bytes are a hole too (the torch.save'd chunks stay valid zips); the files, chunks and reads are the same.
 """
 from __future__ import annotations
 
@@ -223,7 +225,18 @@ def chunk_tensor(it: Item, seed: int, key: int) -> torch.Tensor:
     return (0.02 * torch.randn(it.sizes, generator=gen)).to(torch.bfloat16)
 
 
-def write_iter(g: Geometry, it_dir: Path, seed: int = 0) -> None:
+def _write_sparse(f, buf: memoryview, block: int = 1 << 20) -> None:
+    """Write `buf`, seeking past all-zero blocks (holes): the file reads back the same bytes."""
+    zero = bytes(block)
+    for i in range(0, len(buf), block):
+        part = buf[i:i + block]
+        if part == zero[:len(part)]:
+            f.seek(len(part), os.SEEK_CUR)
+        else:
+            f.write(part)
+
+
+def write_iter(g: Geometry, it_dir: Path, seed: int = 0, *, zero_weights: bool = False) -> None:
     fx = _fixture_bytes()
     overhead = _save_overhead()
     state, storage, plans = {}, {}, []
@@ -249,9 +262,13 @@ def write_iter(g: Geometry, it_dir: Path, seed: int = 0) -> None:
                         f.seek(start + it.nbytes + overhead)
                     else:
                         b = io.BytesIO()
-                        torch.save(chunk_tensor(it, seed, key), b)
+                        if zero_weights:  # a valid torch.save'd zip whose data bytes are a hole
+                            torch.save(torch.zeros(it.sizes, dtype=torch.bfloat16), b)
+                            _write_sparse(f, b.getbuffer())
+                        else:
+                            torch.save(chunk_tensor(it, seed, key), b)
+                            f.write(b.getbuffer())
                         key += 1
-                        f.write(b.getbuffer())
                         del b
                     mi = MetadataIndex(it.fqn, None if it.is_bytes else torch.Size(it.offsets), it.index)
                     storage[mi] = _StorageInfo(rel, start, f.tell() - start)
@@ -305,7 +322,7 @@ def write_common(g: Geometry, it_dir: Path) -> None:
     torch.save(out, it_dir / "common.pt")
 
 
-def make(g: Geometry, folder: Path, seed: int = 0) -> Path:
+def make(g: Geometry, folder: Path, seed: int = 0, *, zero_weights: bool = False) -> Path:
     if (folder / ".complete").exists():
         return folder
     shutil.rmtree(folder, ignore_errors=True)
@@ -318,7 +335,7 @@ def make(g: Geometry, folder: Path, seed: int = 0) -> Path:
     for f in TOKENIZER.iterdir():
         if f.name.startswith(("tokenizer", "special_tokens", "chat_template")):
             shutil.copy(f, base / f.name)
-    write_iter(g, it_dir, seed)
+    write_iter(g, it_dir, seed, zero_weights=zero_weights)
     write_common(g, it_dir)
     shutil.copy(FIX_ITER / "metadata.json", it_dir / "metadata.json")
     (folder / "ckpt" / "latest_checkpointed_iteration.txt").write_text(str(ITERATION))
@@ -371,11 +388,16 @@ def main() -> None:
     ap.add_argument("--geometry", choices=sorted(GEOMETRIES), default="1.5b")
     ap.add_argument("--root", type=Path, default=DEFAULT_ROOT)
     ap.add_argument("--check", action="store_true", help="the tiny geometry against the real fixture, then exit")
+    ap.add_argument("--zero-weights", action="store_true",
+                    help="weights all zero, their bytes holes too (a disk too small for input + output)")
     args = ap.parse_args()
     if args.check:
         check()
     t = time.time()
-    folder = make(GEOMETRIES[args.geometry], args.root / f"megatron-lm-{args.geometry}")
+    folder = make(GEOMETRIES[args.geometry], args.root / f"megatron-lm-{args.geometry}",
+                  zero_weights=args.zero_weights)
+    if args.zero_weights:
+        (folder / ".zero-weights").write_text("weights are zeros (holes)")
     apparent, allocated = disk_use(folder)
     print(f"{folder} in {time.time() - t:.0f}s: {apparent / 1e9:.2f} GB of files, {allocated / 1e9:.2f} GB on disk")
 

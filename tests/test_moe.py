@@ -140,10 +140,11 @@ def _param_refs(rank_gate_up: int, r: int = 8, e: int = 4, h: int = 16, i: int =
     def t(name, *shape):
         return TensorRef(name, torch.float32, shape, lambda: torch.zeros(shape), "rank0.pt")
     m = "model.layers.0.mlp.experts"
-    return [t(f"{m}.base_layer.base_layer.gate_up_proj", e, 2 * i, h), t(f"{m}.base_layer.base_layer.down_proj", e, h, i),
-            t(f"{m}.base_layer.lora_A.weight", rank_gate_up * e, h), t(f"{m}.base_layer.lora_B.weight", 2 * i,
-                                                                        rank_gate_up * e),
-            t(f"{m}.lora_A.weight", r * e, i), t(f"{m}.lora_B.weight", h, r * e)]
+    return [t(f"{m}.base_layer.base_layer.gate_up_proj", e, 2 * i, h),
+            t(f"{m}.base_layer.base_layer.down_proj", e, h, i),
+            t(f"{m}.base_layer.lora_A.weight", rank_gate_up * e, h),  # gate_up_proj: the inner wrapper
+            t(f"{m}.base_layer.lora_B.weight", 2 * i, rank_gate_up * e),
+            t(f"{m}.lora_A.weight", r * e, i), t(f"{m}.lora_B.weight", h, r * e)]  # down_proj: the outer one
 
 
 @pytest.mark.parametrize("rank,ok", [(8, True), (16, True), (24, False), (4, False)])

@@ -2,8 +2,9 @@
 
 Quantized: the 2-D `.weight` of every Linear inside the decoder layers (`*.layers.N.*`). Copied unchanged (and
 the Linear ones listed in `ignore`, as llm-compressor writes them): `lm_head`, the embeddings, norms, biases and
-a value model's `score` head (float32), a vision-language model's vision tower and projector. A Linear whose input size is not a multiple of the group size (w4a16) is
-left unquantized and listed in `ignore` (llm-compressor refuses it until the user ignores it).
+a value model's `score` head (float32), a vision-language model's vision tower and projector. A Linear whose
+input size is not a multiple of the group size (w4a16) is left unquantized and listed in `ignore` (llm-compressor
+refuses it until the user ignores it).
 
 Each quantized weight becomes two or three TensorRefs whose loads are StreamLoaders over the weight's own load
 (the adapter merge in float32, the cast to the output dtype with its NaN/Inf check): every scheme here has one
