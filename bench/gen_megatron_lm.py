@@ -377,7 +377,10 @@ def check() -> None:
               f"storage entries {len(a.storage_data)} vs {len(b.storage_data)}")
         same_file = sum(a.storage_data[k].relative_path == b.storage_data[k].relative_path
                         for k in a.storage_data if k in b.storage_data)
-        print(f"storage entries in the same file as the fixture's: {same_file}/{len(a.storage_data)}")
+        same_range = sum((a.storage_data[k].offset, a.storage_data[k].length) ==
+                         (b.storage_data[k].offset, b.storage_data[k].length) for k in a.storage_data if k in b.storage_data)
+        print(f"storage entries in the same file as the fixture's: {same_file}/{len(a.storage_data)}, "
+              f"at the same offset and length: {same_range}/{len(a.storage_data)}")
         sys.exit(1 if bad else 0)
     finally:
         shutil.rmtree(out, ignore_errors=True)

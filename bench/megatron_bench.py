@@ -17,6 +17,7 @@ entries, .metadata, common.pt) read once before each run; the optimizer's ranges
     converts, and writes bf16 safetensors.
 The first warm outputs of rlexport and slime are compared tensor by tensor. Results:
 bench/megatron-lm-<geometry>.json and the section bench/RESULTS.d/60-megatron-lm-<geometry>.md of RESULTS.md.
+A checkpoint made with `gen_megatron_lm.py --zero-weights` gets `<geometry>-zero` in those names.
 """
 from __future__ import annotations
 
@@ -91,6 +92,8 @@ def main() -> None:
     if not (folder / ".complete").exists():
         sys.exit(f"no checkpoint at {folder}: run bench/gen_megatron_lm.py --geometry {args.geometry} first")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    zero = (folder / ".zero-weights").exists()
+    name = args.geometry + ("-zero" if zero else "")  # results of a --zero-weights checkpoint kept apart
     dev = harness.disk_of(args.root)
     logs = args.root / f"logs-megatron-lm-{args.geometry}"
     logs.mkdir(exist_ok=True)
@@ -98,7 +101,7 @@ def main() -> None:
     res = {"geometry": args.geometry, "model": g.name, "machine": harness.machine(), "nice": args.nice,
            "input_bytes": apparent, "input_allocated": allocated, "weights_bytes": g.nbytes,
            "vocab": g.vocab, "padded_vocab": padded_vocab(g), "tied": g.tied,
-           "zero_weights": (folder / ".zero-weights").exists(),
+           "zero_weights": zero,
            "started": time.strftime("%Y-%m-%d %H:%M:%S"), "runs": {}, "checks": {}}
     out = args.root / "out-megatron-lm"
     out.mkdir(exist_ok=True)
@@ -122,14 +125,14 @@ def main() -> None:
                 target.rename(kept[method])
             else:
                 shutil.rmtree(target, ignore_errors=True)
-            (HERE / f"megatron-lm-{args.geometry}.json").write_text(json.dumps(res, indent=2))
+            (HERE / f"megatron-lm-{name}.json").write_text(json.dumps(res, indent=2))
     if len(kept) == 2:
         res["checks"]["rlexport_vs_slime"] = compare(kept["rlexport"], kept["slime"])
         print(res["checks"], flush=True)
     for p in kept.values():
         shutil.rmtree(p, ignore_errors=True)
-    (HERE / f"megatron-lm-{args.geometry}.json").write_text(json.dumps(res, indent=2))
-    render(args.geometry)
+    (HERE / f"megatron-lm-{name}.json").write_text(json.dumps(res, indent=2))
+    render(name)
 
 
 def render(geometry: str) -> None:

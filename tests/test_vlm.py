@@ -275,6 +275,33 @@ def test_verify_names_the_processor_files_a_folder_lacks(tmp_path, exported):
     assert "processor_config.json" in check.summary and "chat_template.jinja" in " ".join(check.details)
 
 
+def test_value_head_on_a_vision_language_body_is_refused_and_dropped_from_the_policy(tmp_path, exported):
+    """TRL's value head around Qwen2.5-VL (what verl's critic is for a VLM): no servable value class exists."""
+    folder = tmp_path / "vhead"
+    shutil.copytree(exported, folder)
+    for f in folder.glob("*.safetensors*"):
+        f.unlink()
+    state = tensors(exported)
+    head = {"v_head.summary.weight": torch.randn(1, 128), "v_head.summary.bias": torch.zeros(1)}
+    save_file({**state, **head}, folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(RlexportError) as e:
+        rlexport.export(folder, tmp_path / "value", target="value", dtype="float32")
+    assert e.value.code == "target-unavailable" and "Qwen2_5_VLForConditionalGeneration" in str(e.value)
+    assert not (tmp_path / "value").exists()
+    out = rlexport.export(folder, tmp_path / "policy", dtype="float32").out
+    assert set(tensors(out)) == set(state)
+
+
+def test_self_check_refuses_a_folder_without_the_image_processor(tmp_path, exported):
+    from rlexport.checks.selfcheck import self_check
+    bad = tmp_path / "bad"
+    shutil.copytree(exported, bad)
+    (bad / "processor_config.json").unlink()
+    with pytest.raises(RlexportError) as e:
+        self_check(bad)
+    assert e.value.code == "export-self-check" and "processor" in str(e.value)
+
+
 def test_checkpoint_without_its_vision_tower_is_refused(tmp_path, exported):
     folder = tmp_path / "lm_only"
     shutil.copytree(exported, folder)

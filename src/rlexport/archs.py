@@ -57,7 +57,7 @@ class Arch:
     conv1d: tuple[str, ...] = ()               # modules stored [in, out] (transformers Conv1D): LoRA fan_in_fan_out
     renames: tuple[tuple[str, str], ...] = ()  # in-memory name fragment -> checkpoint name fragment
     experts: tuple[Experts, ...] = ()          # fused expert parameters (LoRA target_parameters)
-    vision: Vision | None = None               # vision-language models: names, tower, processor (Vision)
+    vision: Vision | None = None               # vision-language models: class, name layouts, tower (Vision)
     moe: Moe | None = None                     # mixture-of-experts families: hub layout and config keys (Moe)
 
 

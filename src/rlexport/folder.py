@@ -28,12 +28,18 @@ IMAGE_PROCESSOR = "preprocessor_config.json or processor_config.json"
 
 def architecture(config: dict, target: str, *, file) -> str:
     """The class the export is loaded as: the base's causal LM (policy) or its token classifier (value)."""
+    vision = archs.vision_of(config)
+    if vision is not None and target != "policy":
+        # verl's critic on Qwen2.5-VL is TRL's value head around the conditional-generation model: neither
+        # transformers nor vLLM has a token-classification class for a vision-language model to serve it as
+        raise RlexportError("target-unavailable", f"a value head on a vision-language model ({vision.cls}) has no "
+                            "token-classification class in transformers or vLLM to be served as", file=file,
+                            hint="export the policy (--target policy); the value head stays in the checkpoint")
     for arch in config.get("architectures") or []:
         for suffix in CAUSAL_SUFFIXES:
             if arch.endswith(suffix):
                 return arch if target == "policy" else arch[: -len(suffix)] + "ForTokenClassification"
-    vision = archs.vision_of(config)
-    if vision is not None and target == "policy":
+    if vision is not None:
         return vision.cls
     what = "a causal LM" if target == "policy" else "a token-classification architecture"
     raise RlexportError("no-causal-architecture", f"cannot derive {what} from architectures "
