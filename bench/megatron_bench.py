@@ -142,8 +142,8 @@ def render(geometry: str) -> None:
     lines = [f"## Megatron-LM torch_dist checkpoint (issue 23): {res['model']} geometry, TP=2 x PP=2, bf16, "
              f"distributed optimizer ({res['input_bytes'] / 1e9:.1f} GB of files: {res['weights_bytes'] / 1e9:.2f} GB "
              f"of weights, the rest the fp32 optimizer state as sparse holes; {res['input_allocated'] / 1e9:.2f} GB "
-             "on disk" + ("; **weights all zero, their bytes holes too** (`--zero-weights`: the disk could not hold "
-                          "input and output)" if res.get("zero_weights") else "") + ")", "",
+             "on disk" + ("; **weights all zero, their bytes holes too** (`--zero-weights`, see the reading "
+                          "below)" if res.get("zero_weights") else "") + ")", "",
              f"`bench/gen_megatron_lm.py` + `bench/megatron_bench.py` (run {res['started']}). Vocabulary "
              f"{res['vocab']} padded to {res['padded_vocab']} rows; {'tied' if res['tied'] else 'untied'} "
              f"embeddings. Machine: {m['cpus']} CPUs, {m['ram_gib']} GiB RAM, {m['fs']}, torch {m['torch']}; "

@@ -26,14 +26,22 @@ SHARED_BASE = FIXTURES / "lf_ppo_full_qwen2" / "base"
 
 
 def inputs(case: str) -> tuple[Path, Path | None]:
-    """(checkpoint, --base) of a fixture case; --base only where the case does not carry its base."""
+    """(checkpoint, --base) of a fixture case, as its expected.json says: `base` null when the checkpoint carries
+    its own config, else the case's base/ folder (or the shared base where the case does not copy it)."""
     exp = json.loads((FIXTURES / case / "expected.json").read_text())
-    return FIXTURES / case / exp.get("input", "ckpt"), None if (FIXTURES / case / "base").is_dir() else SHARED_BASE
+    ckpt = FIXTURES / case / exp.get("input", "ckpt")
+    if exp.get("base") is None:
+        return ckpt, None
+    return ckpt, FIXTURES / case / exp["base"] if (FIXTURES / case / exp["base"]).is_dir() else SHARED_BASE
 
 
 def base_weights(case: str) -> Path:
-    base = inputs(case)[1] or FIXTURES / case / "base"
-    return base / "model.safetensors"
+    # a case's base/ may hold only the config and tokenizer (Megatron: --base for those): its weights are the
+    # shared base's, which the case was trained from (its MANIFEST.md)
+    for base in (inputs(case)[1], FIXTURES / case / "base", SHARED_BASE):
+        if base is not None and (base / "model.safetensors").is_file():
+            return base / "model.safetensors"
+    raise AssertionError(f"{case}: no base weights")
 
 
 def _cases() -> list[tuple[str, str]]:
