@@ -19,6 +19,7 @@ import importlib.metadata
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -96,10 +97,14 @@ class Pending:
             self._out = Path(tempfile.mkdtemp(prefix="rlexport-facts-")) / "facts.json"
             # the child gets one thread: it builds a meta model, and the export's own threads need the cores
             env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-            with open(self._out.with_name("stderr"), "wb") as err:  # a file: a pipe nobody reads could fill up
-                self.child = subprocess.Popen([sys.executable, "-m", "rlexport.checks.facts", str(self.path),
-                                               str(self._out)], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                              stderr=err, env=env)
+            try:
+                with open(self._out.with_name("stderr"), "wb") as err:  # a file: a pipe nobody reads could fill up
+                    self.child = subprocess.Popen([sys.executable, "-m", "rlexport.checks.facts", str(self.path),
+                                                   str(self._out)], stdin=subprocess.DEVNULL,
+                                                  stdout=subprocess.DEVNULL, stderr=err, env=env)
+            except OSError as e:  # no interpreter to start (embedded Python): computed here by result()
+                log.debug("no child process for the facts: %s", e)
+                self._clean()
 
     @property
     def available(self) -> bool:
@@ -128,11 +133,9 @@ class Pending:
         return self.facts
 
     def _clean(self) -> None:
-        out, self.child = getattr(self, "_out", None), None
+        out, self.child, self._out = getattr(self, "_out", None), None, None
         if out is not None:
-            for p in (out, out.with_name(out.name + ".part"), out.with_name("stderr")):
-                p.unlink(missing_ok=True)
-            out.parent.rmdir()
+            shutil.rmtree(out.parent, ignore_errors=True)
 
     def __enter__(self) -> Pending:
         return self

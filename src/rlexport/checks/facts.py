@@ -155,9 +155,12 @@ def compute(path: Path) -> tuple[Facts, Live]:
     """Every fact about `path` (a folder with config.json), with transformers in this process."""
     import transformers
     path = Path(path)
-    config = json.loads((path / "config.json").read_text())
     live = Live()
-    arch = _architecture(path, config, live)
+    try:
+        config = json.loads((path / "config.json").read_text())
+        arch = _architecture(path, config, live)
+    except (OSError, ValueError) as e:  # no readable config.json: the files check says so; the tokenizer still counts
+        config, arch = {}, {"has_class": False, "config_error": first_line(e)}
     facts = Facts(transformers.__version__, **arch, tokenizer=_tokenizer(path, config, live),
                   generation_error=_generation(path))
     return facts, live
