@@ -8,6 +8,21 @@ from pathlib import Path
 import torch
 
 FIXTURES = Path(__file__).parent / "fixtures"
+
+# Fixture cases without a base/ folder were trained on this one (their MANIFEST.md says so).
+SHARED_BASE = FIXTURES / "lf_ppo_full_qwen2" / "base"
+
+
+def inputs(case: str) -> tuple[Path, Path | None]:
+    """(checkpoint, --base) of a fixture case, as its expected.json says: `base` null when the checkpoint carries
+    its own config, else the case's base/ folder (or the shared base where the case does not copy it)."""
+    exp = json.loads((FIXTURES / case / "expected.json").read_text())
+    ckpt = FIXTURES / case / exp.get("input", "ckpt")
+    if exp.get("base") is None:
+        return ckpt, None
+    return ckpt, FIXTURES / case / exp["base"] if (FIXTURES / case / exp["base"]).is_dir() else SHARED_BASE
+
+
 TOKENIZER_FROM = FIXTURES / "lf_ppo_full_qwen2" / "base"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 

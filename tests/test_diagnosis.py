@@ -15,7 +15,8 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
-from factories import FIXTURES, copy_fixture, make_tiny_model
+from test_verify import inputs
+from factories import FIXTURES, copy_fixture, inputs, make_tiny_model
 from rlexport.cli import cli
 from rlexport.diagnosis import inspect
 from rlexport.findings import CODES
@@ -63,8 +64,8 @@ def test_every_fixture_case_validates():
     reader detects fails (inspect raises unknown-format)."""
     for exp in sorted(FIXTURES.glob("*/expected.json")):
         case = exp.parent
-        base = None if (case / "base").is_dir() else FIXTURES / "lf_ppo_full_qwen2" / "base"
-        report = inspect(case / json.loads(exp.read_text()).get("input", "ckpt"), base=base)
+        ckpt, base = inputs(case.name)
+        report = inspect(ckpt, base=base)
         valid(report)
         if json.loads(exp.read_text()).get("reconstructible_from_ckpt") is False:
             assert not report["complete"]  # refused with the reason: a partial diagnosis

@@ -15,26 +15,12 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
-from factories import FIXTURES
+from factories import FIXTURES, SHARED_BASE, inputs
 import rlexport
 from rlexport.cli import cli
 from rlexport.verify import verify
 
 SCHEMA = json.loads((Path(__file__).resolve().parents[1] / "docs" / "verify.schema.json").read_text())
-# Fixture cases without a base/ folder were trained on this one (their MANIFEST.md says so).
-SHARED_BASE = FIXTURES / "lf_ppo_full_qwen2" / "base"
-
-
-def inputs(case: str) -> tuple[Path, Path | None]:
-    """(checkpoint, --base) of a fixture case, as its expected.json says: `base` null when the checkpoint carries
-    its own config, else the case's base/ folder (or the shared base where the case does not copy it)."""
-    exp = json.loads((FIXTURES / case / "expected.json").read_text())
-    ckpt = FIXTURES / case / exp.get("input", "ckpt")
-    if exp.get("base") is None:
-        return ckpt, None
-    return ckpt, FIXTURES / case / exp["base"] if (FIXTURES / case / exp["base"]).is_dir() else SHARED_BASE
-
-
 def base_weights(case: str) -> Path:
     # a case's base/ may hold only the config and tokenizer (Megatron: --base for those): its weights are the
     # shared base's, which the case was trained from (its MANIFEST.md)

@@ -4,11 +4,12 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-from ..version import __version__
 from ..errors import RlexportError
 from ..findings import Finding
 from ..formats import Source
+from ..formats.value_heads import VALUE_HEAD_FILES
 from ..tensors import dtype_name
+from ..version import __version__
 from .checks import CHECKS
 from .facts import PARTIAL, SCHEMA, arch_of, export_cmd, Facts, gather, names_of, optimizer_files, trainer_facts
 
@@ -144,7 +145,7 @@ def _partial(ckpt: Path, e: RlexportError) -> dict:
     if code == "zero3-placeholder" and empty:
         message = f"{len(empty)} adapter tensors are empty [0]-shaped placeholders (ZeRO-3 saved without gathering)"
     findings = [Finding(code, "error", message, engine, e.hint, e.file or str(ckpt), names_of(empty))]
-    head = ckpt / "value_head.safetensors"
+    head = ckpt / VALUE_HEAD_FILES[0]
     groups = {"adapter": _group(refs)} if refs else {}
     if head.is_file():
         groups["head"] = _group(refs_of([head]))

@@ -83,7 +83,7 @@ def steps(path: Path) -> list | None:
     for d in found:
         if (d / "trainer_state.json").is_file():
             out.append(Step(d.name, d, True))
-        elif lf_run and (d / "value_head.safetensors").is_file() and not (d / "optimizer.pt").exists():
+        elif lf_run and any((d / f).is_file() for f in VALUE_HEAD_FILES) and not (d / "optimizer.pt").exists():
             out.append(Step(d.name, d, True, "LLaMA-Factory PPO writes no completion marker: complete once its "
                                              "files stop changing"))
         else:

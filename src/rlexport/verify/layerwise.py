@@ -230,15 +230,20 @@ def _peft(model, src: Source, base: dict[str, TensorRef]):
         state = {f"base_model.model.{u.module}{'.base_layer' * u.depth}.lora_{role}.weight": ref.load()
                  for u in src.adapter.updates for role, ref in (("A", u.a), ("B", u.b))}
     # PEFT puts the adapter's parameters on the base layer's device (here: meta). Give every parameter that is
-    # not a base weight (the LoRA factors, DoRA magnitudes, modules_to_save copies) CPU storage, then let PEFT
-    # copy the saved state into it: the base weights stay meta, filled module by module by attach().
+    # not a base weight (the LoRA factors, DoRA magnitudes, modules_to_save copies) CPU storage: the saved tensor
+    # itself where its name is the parameter's without the adapter name (no second copy of the factors), else
+    # zeros; then PEFT loads the saved state into them (a copy onto itself for the first kind). The base weights
+    # stay meta, filled module by module by attach().
     peft_model = get_peft_model(model, config)
+    state = {k: v.to(torch.float32) for k, v in state.items()}
     for name, p in list(peft_model.named_parameters()):
         if p.is_meta and plain_name(name) not in base:
             owner, _, leaf = name.rpartition(".")
-            peft_model.get_submodule(owner)._parameters[leaf] = torch.nn.Parameter(
-                torch.zeros(p.shape, dtype=torch.float32), requires_grad=False)
-    result = set_peft_model_state_dict(peft_model, {k: v.to(torch.float32) for k, v in state.items()})
+            saved = state.get(name.replace(".default.", "."))
+            if saved is None or tuple(saved.shape) != tuple(p.shape):
+                saved = torch.zeros(p.shape, dtype=torch.float32)
+            peft_model.get_submodule(owner)._parameters[leaf] = torch.nn.Parameter(saved, requires_grad=False)
+    result = set_peft_model_state_dict(peft_model, state)
     if result.unexpected_keys:  # a factor PEFT could not place would silently drop out of the reference
         raise ValueError(f"the adapter's {result.unexpected_keys[0]} has no place in PEFT's model")
     return peft_model.eval()
