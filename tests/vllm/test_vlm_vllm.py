@@ -17,7 +17,9 @@ LOGPROB_TOL = 2e-3  # float32 engine vs float32 training stack (seen: ~3e-6; tra
 QUANT_TOL = 0.5     # int8 (W8A8) language model, bfloat16 vision tower, vs float32 training (seen: 0.14; base: 8)
 QUANT = "verl_fsdp2_vlm_actor_qwen25vl"
 # verl FSDP2 actor (full weights, in-memory names); LLaMA-Factory 0.9.3 LoRA DPO (adapter names in memory, base hub)
-CASES = {"verl_fsdp2_vlm_actor_qwen25vl": dict(ckpt="ckpt"), "lf_dpo_lora_qwen25vl": dict(ckpt="ckpt")}
+# and full DPO (transformers 4.52's hub layout, vision tower trained)
+CASES = {"verl_fsdp2_vlm_actor_qwen25vl": dict(ckpt="ckpt"), "lf_dpo_lora_qwen25vl": dict(ckpt="ckpt"),
+         "lf_dpo_full_qwen25vl": dict(ckpt="ckpt")}
 
 
 def _chat(case: str, messages: list[dict]) -> list[dict]:
