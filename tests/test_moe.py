@@ -1,8 +1,9 @@
 """Mixture-of-experts exports from real trainer outputs: verl FSDP2 rank files (fused experts sharded on the expert
 axis, uneven and empty shards; a LoRA on the experts, router and attention saved whole), a PEFT target_parameters
-LoRA, a Qwen2-MoE with a shared expert. Each export carries exactly the base model's own tensor names and the
-training-time numbers (transformers, float32); the expert merge equals PEFT's merge_and_unload (the oracle); bad
-input stops with one line and writes nothing. vLLM serves them in tests/vllm/test_moe_vllm.py."""
+LoRA, a Qwen2-MoE with a shared expert, a DeepSpeed ZeRO-3 checkpoint. Each export carries exactly the base model's
+own tensor names and the training-time numbers (transformers, float32); the expert merge equals PEFT's
+merge_and_unload (the oracle); bad input stops with one line and writes nothing. vLLM serves them in
+tests/vllm/test_moe_vllm.py."""
 from __future__ import annotations
 
 import json
@@ -32,7 +33,10 @@ CASES = {
     "verl_fsdp2_lora_moe_qwen3moe": ("ckpt", None),   # verl's default LoRA: all-linear -> experts + router
     "verl_fsdp2_moe_qwen2moe": ("ckpt", None),        # shared expert; shared_expert_gate [1, H] split 1 / 0
     "peft_lora_moe_qwen3moe": ("ckpt", "base"),       # PEFT target_parameters on a per-expert hub base
+    "ds_z3_moe_qwen3moe": ("ckpt", None),             # DeepSpeed ZeRO-3 engine, world size 2, no 16-bit gather
 }
+# cases that do not copy their base: the one they were trained from
+HUB_BASE = {"ds_z3_moe_qwen3moe": "peft_lora_moe_qwen3moe"}
 LOGPROB_TOL = 1e-4  # float32 export vs float32 training stack (transformers)
 
 
@@ -65,7 +69,7 @@ def tensors(folder) -> dict[str, torch.Tensor]:
 def test_export_has_exactly_the_base_checkpoints_names(exports, case):
     exp = expected(case)
     assert names(exports[case]) == set(exp["names"])
-    with safe_open(FIXTURES / case / "base" / "model.safetensors", "pt") as s:  # the base model's own checkpoint
+    with safe_open(FIXTURES / HUB_BASE.get(case, case) / "base" / "model.safetensors", "pt") as s:  # the hub's own
         assert set(s.keys()) == set(exp["names"])
 
 
@@ -84,6 +88,32 @@ def test_export_gives_the_training_time_numbers(exports, case):
     # and it is the trained model, not the base: the training moved these numbers by far more
     base = expected(case)["base_policy"]["logprobs"]
     assert max(abs(a - b) for x, y in zip(base, exp["policy"]["logprobs"]) for a, b in zip(x, y)) > 100 * LOGPROB_TOL
+
+
+def test_deepspeed_zero3_export_is_the_gathered_fp32_weights_split_per_expert(exports):
+    """The ZeRO-3 partitions (fused experts flattened across 2 ranks) rebuild bit-exactly what DeepSpeed's own
+    zero_to_fp32 gathers (reference.safetensors), each fused expert tensor split into the hub's per-expert names."""
+    case = "ds_z3_moe_qwen3moe"
+    got, ref = tensors(exports[case]), load_file(FIXTURES / case / "reference.safetensors")
+    inter = json.loads((exports[case] / "config.json").read_text())["moe_intermediate_size"]
+    want = {}
+    for name, t in ref.items():
+        if name.endswith("mlp.experts.gate_up_proj"):  # [E, 2I, H], gate rows first
+            for e in range(t.shape[0]):
+                want[name.replace("gate_up_proj", f"{e}.gate_proj.weight")] = t[e, :inter]
+                want[name.replace("gate_up_proj", f"{e}.up_proj.weight")] = t[e, inter:]
+        elif name.endswith("mlp.experts.down_proj"):  # [E, H, I]
+            for e in range(t.shape[0]):
+                want[name.replace("down_proj", f"{e}.down_proj.weight")] = t[e]
+        else:
+            want[name] = t
+    assert set(got) == set(want) == set(expected(case)["names"])
+    for name, t in want.items():
+        assert got[name].dtype == torch.float32 and torch.equal(got[name], t), name
+    # trained: the experts moved away from the base
+    base = load_file(FIXTURES / HUB_BASE[case] / "base" / "model.safetensors")
+    assert (got["model.layers.1.mlp.experts.2.up_proj.weight"] - base["model.layers.1.mlp.experts.2.up_proj.weight"]
+            ).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
