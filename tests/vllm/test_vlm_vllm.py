@@ -17,9 +17,9 @@ LOGPROB_TOL = 2e-3  # float32 engine vs float32 training stack (seen: ~3e-6; tra
 QUANT_TOL = 0.5     # int8 (W8A8) language model, bfloat16 vision tower, vs float32 training (seen: 0.14; base: 8)
 QUANT = "verl_fsdp2_vlm_actor_qwen25vl"
 # verl FSDP2 actor (full weights, in-memory names); LLaMA-Factory 0.9.3 LoRA DPO (adapter names in memory, base hub)
-# and full DPO (transformers 4.52's hub layout, vision tower trained)
+# and full DPO (transformers 4.52's hub layout, vision tower trained); verl 0.9.1 FSDP2 LoRA actor (saved whole)
 CASES = {"verl_fsdp2_vlm_actor_qwen25vl": dict(ckpt="ckpt"), "lf_dpo_lora_qwen25vl": dict(ckpt="ckpt"),
-         "lf_dpo_full_qwen25vl": dict(ckpt="ckpt")}
+         "lf_dpo_full_qwen25vl": dict(ckpt="ckpt"), "verl_fsdp2_lora_vlm_qwen25vl": dict(ckpt="ckpt")}
 
 
 def _chat(case: str, messages: list[dict]) -> list[dict]:

@@ -151,7 +151,7 @@ def _lora(role_dir: Path, refs, config: dict):
     peft_names = {r.name for r in refs if LORA_RE.search(r.name) or ".modules_to_save." in r.name
                   or ".original_module." in r.name}
     base = [r.renamed(_strip(r.name)) for r in refs if r.name not in peft_names]
-    targets = sorted({m.group(1).rsplit(".", 1)[-1] for r in peft
+    targets = sorted({_target(m.group(1)) for r in peft
                       if (m := re.match(r"^(.+)\.lora_(?:embedding_)?A(?:\.weight)?$", _strip(r.name)))})
     cfg = {"peft_type": "LORA", "r": meta.get("r"), "lora_alpha": meta.get("lora_alpha"),
            "target_modules": targets, "bias": "none", "fan_in_fan_out": False, "use_rslora": False,
@@ -164,6 +164,13 @@ def _lora(role_dir: Path, refs, config: dict):
         wrapped = {m.rsplit(".", 1)[-1] for m in params.pop("param_modules")}
         cfg.update(params, target_modules=[t for t in targets if t not in wrapped and t != "base_layer"])
     return base, read_adapter(role_dir, cfg, peft).bind(config)
+
+
+def _target(module: str) -> str:
+    """A LoRA'd module as a PEFT target_modules suffix: its last name, with its parent where that is an index (a
+    vision merger's `mlp.0`: a bare `0` would also match every `blocks.0` when verify rebuilds the PeftModel)."""
+    parts = module.split(".")
+    return ".".join(parts[-2:]) if parts[-1].isdigit() else parts[-1]
 
 
 def read(path: Path, *, base=None) -> Source:
