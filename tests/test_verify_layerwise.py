@@ -121,7 +121,8 @@ def test_peak_memory_does_not_grow_with_the_number_of_layers(tmp_path):
     grown = sizes[32] - sizes[4]  # ~427 MiB more model in float32
     assert whole[32] - whole[4] > 0.9 * grown, (whole, sizes)  # the control: the whole-model path holds it
     # layerwise: flat but for what is per layer by nature: the adapter's factors, held in float32 as PEFT
-    # parameters (here 4 % of the model; measured growth 49 MiB for 406 MiB more model), the meta models'
-    # modules, KV caches and recorded layer outputs
-    assert peaks[32] - peaks[4] < 24 + 2 * (adapter[32] - adapter[4]), (peaks, sizes, adapter)
+    # parameters (here 4 % of the model), PEFT's per-layer wrapper modules, the meta models' modules, KV caches and
+    # recorded layer outputs. Measured growth: 49-70 MiB for 427 MiB more model (allocator noise between runs);
+    # keeping the layers' weights would add the whole 427 MiB
+    assert peaks[32] - peaks[4] < min(0.25 * grown, 24 + 4 * (adapter[32] - adapter[4])), (peaks, sizes, adapter)
     assert peaks[32] < 1024, peaks  # imports (torch, transformers, PEFT) + one module + activations
