@@ -79,3 +79,14 @@ def copy_fixture(name: str, dest: Path) -> Path:
     """A writable copy of a committed fixture case (tests that break inputs must not touch the originals)."""
     shutil.copytree(FIXTURES / name, dest / name)
     return dest / name
+
+
+def open_error(path, **kw):
+    """The one-line RlexportError open_checkpoint raises for a bad input (asserting it raises one)."""
+    import pytest
+    from rlexport import RlexportError
+    from rlexport.formats import open_checkpoint
+    with pytest.raises(RlexportError) as e:
+        open_checkpoint(path, **kw)
+    assert "\n" not in str(e.value)
+    return e.value

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 import rlexport
 from conftest import expected
-from factories import FIXTURES, copy_fixture
+from factories import FIXTURES, copy_fixture, open_error
 from rlexport.formats import open_checkpoint, steps_of
 from test_export import load_folder
 
@@ -24,13 +24,6 @@ BASE = FIXTURES / CASE / "base"
 ITER = ROOT / "iter_0000010"
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def _error(path, **kw) -> rlexport.RlexportError:
-    with pytest.raises(rlexport.RlexportError) as e:
-        open_checkpoint(path, **kw)
-    assert "\n" not in str(e.value)
-    return e.value
 
 
 def test_export_equals_reference_cut_to_the_real_vocabulary(tmp_path):
@@ -59,7 +52,7 @@ def test_iteration_tag_and_folder(monkeypatch):
         src = open_checkpoint(path, base=BASE, tag=tag)
         assert (src.kind, src.producer, src.targets) == ("megatron-lm", "megatron-lm", ("policy",))
         assert {r.dtype for r in src.weights} == {torch.bfloat16} and len(src.weights) == 27
-    e = _error(ROOT, base=BASE, tag="iter_0000020")
+    e = open_error(ROOT, base=BASE, tag="iter_0000020")
     assert e.code == "tag-not-found" and "iter_0000010" in str(e)
 
 
@@ -73,7 +66,7 @@ def test_steps_and_an_unfinished_iteration(tmp_path):
     assert found["iter_0000010"].complete and not found["iter_0000020"].complete
     assert ".metadata" in found["iter_0000020"].why
     (root / "latest_checkpointed_iteration.txt").write_text("20")
-    e = _error(root, base=BASE)
+    e = open_error(root, base=BASE)
     assert e.code == "incomplete-checkpoint" and "iter_0000020" in str(e)
 
 
@@ -105,14 +98,14 @@ def test_inspect_shows_layout_vocabulary_and_skipped_optimizer():
 
 
 def test_no_base_to_cut_the_padded_vocabulary_to():
-    e = _error(ROOT)
+    e = open_error(ROOT)
     assert e.code == "missing-config" and "512 rows" in str(e) and "--base" in str(e)
 
 
 def test_no_tracker_and_no_tag(tmp_path):
     root = copy_fixture(CASE, tmp_path) / "ckpt"
     (root / "latest_checkpointed_iteration.txt").unlink()
-    e = _error(root, base=BASE)
+    e = open_error(root, base=BASE)
     assert e.code == "tracker-missing" and "iter_0000010" in str(e) and "--tag" in e.hint
     assert open_checkpoint(root, base=BASE, tag="iter_0000010").kind == "megatron-lm"
 
@@ -120,14 +113,14 @@ def test_no_tracker_and_no_tag(tmp_path):
 def test_the_tracker_names_a_missing_iteration(tmp_path):
     root = copy_fixture(CASE, tmp_path) / "ckpt"
     (root / "latest_checkpointed_iteration.txt").write_text("30")
-    e = _error(root, base=BASE)
+    e = open_error(root, base=BASE)
     assert e.code == "incomplete-checkpoint" and "iter_0000030" in str(e)
 
 
 def test_a_missing_distcp_file(tmp_path):
     root = copy_fixture(CASE, tmp_path) / "ckpt"
     (root / "iter_0000010" / "__3_1.distcp").unlink()
-    e = _error(root, base=BASE)
+    e = open_error(root, base=BASE)
     assert e.code == "missing-file" and "__3_1.distcp" in str(e)
     assert not steps_of(root)[0].complete
 
@@ -136,12 +129,12 @@ def test_a_metadata_with_sizes_beyond_the_file(tmp_path):
     root = copy_fixture(CASE, tmp_path) / "ckpt"
     f = root / "iter_0000010" / "__2_0.distcp"
     os.truncate(f, f.stat().st_size // 2)
-    e = _error(root, base=BASE)
+    e = open_error(root, base=BASE)
     assert e.code == "corrupt-checkpoint" and "__2_0.distcp" in str(e)
 
 
 def test_a_metadata_with_a_foreign_class(tmp_path):
     root = copy_fixture(CASE, tmp_path) / "ckpt"
     (root / "iter_0000010" / ".metadata").write_bytes(pickle.dumps(os.getcwd, protocol=4))
-    e = _error(root, base=BASE)
+    e = open_error(root, base=BASE)
     assert e.code == "unsafe-pickle" and "getcwd" in str(e)

@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 
 import rlexport
 from conftest import expected
-from factories import FIXTURES, copy_fixture
+from factories import FIXTURES, copy_fixture, open_error
 from rlexport.formats import open_checkpoint, steps_of
 from test_export import load_folder
 
@@ -23,13 +23,6 @@ STEP = RUN / "step_4"
 BASE = FIXTURES / CASE / "base"
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def _error(path, **kw) -> rlexport.RlexportError:
-    with pytest.raises(rlexport.RlexportError) as e:
-        open_checkpoint(path, **kw)
-    assert "\n" not in str(e.value)
-    return e.value
 
 
 def test_export_serves_the_training_time_numbers_with_the_base_names(tmp_path):
@@ -62,17 +55,17 @@ def test_unfinished_steps_are_listed_and_skipped(tmp_path):
     assert "tmp_step_N" in found[1].why
     src = open_checkpoint(run, base=BASE)  # the newest complete step is read
     assert all(f"{run.name}/step_4/" in r.origin for r in src.weights)
-    e = _error(run / "tmp_step_8", base=BASE)
+    e = open_error(run / "tmp_step_8", base=BASE)
     assert e.code == "incomplete-checkpoint"
     shutil.rmtree(run / "step_4")
-    assert _error(run, base=BASE).code == "incomplete-checkpoint"
+    assert open_error(run, base=BASE).code == "incomplete-checkpoint"
 
 
 def test_model_name_is_the_base_when_it_resolves_locally(tmp_path):
     case = copy_fixture(CASE, tmp_path)
     cfg = case / "ckpt" / "step_4" / "config.yaml"
     data = yaml.safe_load(cfg.read_text())
-    e = _error(case / "ckpt" / "step_4")  # a hub id not in the local cache
+    e = open_error(case / "ckpt" / "step_4")  # a hub id not in the local cache
     assert e.code == "missing-config" and "tiny-org/tiny-qwen2" in str(e) and "--base" in e.hint
     data["policy"]["model_name"] = str(case / "base")
     cfg.write_text(yaml.safe_dump(data))
@@ -126,5 +119,5 @@ def test_inspect_names_trainer_and_skipped_optimizer():
 def test_a_missing_distcp_file(tmp_path):
     run = copy_fixture(CASE, tmp_path) / "ckpt"
     (run / "step_4" / "policy" / "weights" / "__1_0.distcp").unlink()
-    e = _error(run, base=tmp_path / CASE / "base")
+    e = open_error(run, base=tmp_path / CASE / "base")
     assert e.code == "missing-file" and "__1_0.distcp" in str(e)

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 import rlexport
 from conftest import expected
-from factories import FIXTURES, copy_fixture
+from factories import FIXTURES, copy_fixture, open_error
 from rlexport.formats import open_checkpoint
 from test_export import load_folder
 
@@ -199,17 +199,10 @@ def _actor_copy(tmp_path, case=ACTORS[0]) -> Path:
     return copy_fixture(case, tmp_path) / "ckpt"
 
 
-def _error(path, **kw) -> rlexport.RlexportError:
-    with pytest.raises(rlexport.RlexportError) as e:
-        open_checkpoint(path, **kw)
-    assert "\n" not in str(e.value)
-    return e.value
-
-
 def test_missing_rank_file(tmp_path):
     ckpt = _actor_copy(tmp_path)
     (ckpt / "global_step_4" / "actor" / "model_world_size_2_rank_1.pt").unlink()
-    e = _error(ckpt)
+    e = open_error(ckpt)
     assert e.code == "verl-missing-rank" and "model_world_size_2_rank_1.pt" in str(e)
 
 
@@ -217,7 +210,7 @@ def test_world_size_disagreeing_with_fsdp_config(tmp_path):
     ckpt = _actor_copy(tmp_path)
     cfg = ckpt / "global_step_4" / "actor" / "fsdp_config.json"
     cfg.write_text(json.dumps({"FSDP_version": 2, "world_size": 4}))
-    e = _error(ckpt)
+    e = open_error(ckpt)
     assert e.code == "verl-world-size-mismatch" and "world_size 4" in str(e)
 
 
@@ -229,7 +222,7 @@ def test_rank_files_of_another_world_size_do_not_add_up(tmp_path):
     for r in (0, 1):
         (actor / f"model_world_size_3_rank_{r}.pt").rename(actor / f"model_world_size_2_rank_{r}.pt")
     (actor / "fsdp_config.json").write_text(json.dumps({"FSDP_version": 2, "world_size": 2}))
-    e = _error(ckpt)
+    e = open_error(ckpt)
     assert e.code == "verl-shard-mismatch" and "do not add up" in str(e)
 
 
@@ -239,14 +232,14 @@ def test_shard_of_the_wrong_shape(tmp_path):
     sd = torch.load(f, weights_only=True)
     sd["model.norm.weight"]._local_tensor = torch.zeros(10)
     torch.save(sd, f)
-    e = _error(ckpt)
+    e = open_error(ckpt)
     assert e.code == "verl-shard-mismatch" and "model.norm.weight" in str(e) and "[10]" in str(e)
 
 
 def test_missing_huggingface_folder_needs_base(tmp_path):
     ckpt = _actor_copy(tmp_path)
     shutil.rmtree(ckpt / "global_step_4" / "actor" / "huggingface")
-    e = _error(ckpt)
+    e = open_error(ckpt)
     assert e.code == "missing-config" and "--base" in e.hint
     base = FIXTURES / ACTORS[0] / "base"
     src = open_checkpoint(ckpt, base=base)
@@ -265,7 +258,7 @@ def test_malicious_rank_file_is_refused_and_never_run(tmp_path):
     marker = Path("/tmp/rlexport-verl-pwned")
     marker.unlink(missing_ok=True)
     torch.save({"model.norm.weight": _Payload()}, ckpt / "global_step_4" / "actor" / "model_world_size_2_rank_1.pt")
-    e = _error(ckpt)
+    e = open_error(ckpt)
     assert e.code == "unsafe-pickle" and "nothing in it was run" in str(e)
     assert not marker.exists()
 
